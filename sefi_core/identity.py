@@ -1,0 +1,182 @@
+"""A SeFi identity: per timestep stage one K token and one V token in the CLIP-L input word-embedding
+space, and its `.safetensors` file format (versioned metadata, validated on load, never unpickled)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .stages import even_boundaries, validate_boundaries
+
+FORMAT_NAME = "sefi-identity"
+FORMAT_VERSION = 1
+TOKEN_DIM = 768  # CLIP-L word embeddings (SD1.x)
+STAGE_COUNTS = (1, 5, 10)  # the paper's 5 stages, and its 1- and 10-pair ablations (Fig. 7)
+FILE_SUFFIX = ".safetensors"
+
+_FORBIDDEN_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+_PROMPT_SYNTAX = set("()[]{}:\\,|<>")
+
+
+class IdentityError(ValueError):
+    """Bad identity data, file or name; the message says what is wrong and how to fix it."""
+
+
+def validate_trigger(trigger: str, what: str = "trigger word") -> str:
+    """A trigger is one word the prompt can contain, e.g. 'sks'."""
+    if not isinstance(trigger, str) or not trigger.strip():
+        raise IdentityError(f"The {what} is empty. Type a single rare word such as 'sks' and use it in the prompt.")
+    word = trigger.strip()
+    if any(ch.isspace() for ch in word):
+        raise IdentityError(f"The {what} {trigger!r} has spaces. Use a single word such as 'sks' or 'ohwx'.")
+    bad = sorted(set(word) & _PROMPT_SYNTAX)
+    if bad:
+        raise IdentityError(f"The {what} {trigger!r} contains prompt syntax {''.join(bad)!r}. "
+                            "Use letters and digits only, e.g. 'sks'.")
+    return word
+
+
+def validate_identity_name(name: str) -> str:
+    """A file name (without folders) for an identity; returns it with the .safetensors suffix."""
+    if not isinstance(name, str) or not name.strip():
+        raise IdentityError("The identity name is empty. Give it a file name such as 'anna'.")
+    stem = name.strip()
+    if stem.lower().endswith(FILE_SUFFIX):
+        stem = stem[: -len(FILE_SUFFIX)]
+    if stem.strip(".") == "":
+        raise IdentityError(f"The identity name {name!r} is not a file name. Use something like 'anna'.")
+    if _FORBIDDEN_NAME_CHARS.search(stem) or ".." in stem:
+        raise IdentityError(f"The identity name {name!r} contains a path separator, '..' or a character that "
+                            "file systems reject (<>:\"/\\|?*). Use letters, digits, '-' and '_', e.g. 'anna_v2'.")
+    if stem.endswith((".", " ")) or stem.split(".")[0].upper() in _WINDOWS_RESERVED:
+        raise IdentityError(f"The identity name {name!r} is not allowed on Windows. Use e.g. 'anna_v2'.")
+    if len(stem) > 100:
+        raise IdentityError(f"The identity name is {len(stem)} characters long; keep it under 100.")
+    return stem + FILE_SUFFIX
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Ten (by default) 768-d word embeddings: k_tokens[i] and v_tokens[i] act in timestep stage i,
+    stage 0 being the noisiest (see stages.py)."""
+
+    k_tokens: torch.Tensor  # (S, 768) float32
+    v_tokens: torch.Tensor  # (S, 768) float32
+    trigger: str
+    class_word: str = "person"
+    boundaries: tuple[float, ...] = ()  # S+1 timesteps, 1000 -> 0; empty means an even split
+    base_model: str = ""  # fingerprint of the model it was trained on, when known
+    training: dict = field(default_factory=dict)  # settings of the run that made it, when known
+
+    def __post_init__(self):
+        k, v = self.k_tokens, self.v_tokens
+        if not (torch.is_tensor(k) and torch.is_tensor(v)):
+            raise IdentityError("Identity tokens must be tensors.")
+        if k.ndim != 2 or k.shape != v.shape or k.shape[1] != TOKEN_DIM or k.shape[0] not in STAGE_COUNTS:
+            raise IdentityError(f"Identity tokens have shapes K {tuple(k.shape)} and V {tuple(v.shape)}; "
+                                f"both must be (stages, {TOKEN_DIM}) with stages in {STAGE_COUNTS} "
+                                "(SD1.x CLIP-L word embeddings).")
+        if not (torch.isfinite(k).all() and torch.isfinite(v).all()):
+            raise IdentityError("Identity tokens contain NaN or infinite values; retrain it "
+                                "(a lower learning rate usually helps).")
+        object.__setattr__(self, "k_tokens", k.detach().to("cpu", torch.float32).contiguous())
+        object.__setattr__(self, "v_tokens", v.detach().to("cpu", torch.float32).contiguous())
+        object.__setattr__(self, "trigger", validate_trigger(self.trigger))
+        object.__setattr__(self, "class_word", validate_trigger(self.class_word, "class word"))
+        bounds = tuple(float(b) for b in self.boundaries) or even_boundaries(k.shape[0])
+        validate_boundaries(bounds, k.shape[0])
+        object.__setattr__(self, "boundaries", bounds)
+
+    @property
+    def stage_count(self) -> int:
+        return self.k_tokens.shape[0]
+
+
+def save_identity(identity: Identity, path: str, overwrite: bool = False) -> str:
+    """Write atomically (temp file in the same folder, then rename): a reader never sees half a file."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise IdentityError(f"An identity named {os.path.basename(path)!r} already exists in {os.path.dirname(path)}. "
+                            "Choose another name, or switch 'overwrite' on to replace it.")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    metadata = {
+        "sefi.format": FORMAT_NAME,
+        "sefi.format_version": str(FORMAT_VERSION),
+        "sefi.trigger": identity.trigger,
+        "sefi.class_word": identity.class_word,
+        "sefi.stage_count": str(identity.stage_count),
+        "sefi.stage_boundaries": json.dumps(list(identity.boundaries)),
+        "sefi.base_model": identity.base_model,
+        "sefi.training": json.dumps(identity.training, sort_keys=True),
+    }
+    tensors = {"sefi.k_tokens": identity.k_tokens, "sefi.v_tokens": identity.v_tokens}
+    fd, tmp = tempfile.mkstemp(prefix=".sefi-", suffix=".tmp", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def load_identity(path: str) -> Identity:
+    """Read and validate an identity file; every problem raises IdentityError naming the file."""
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise IdentityError(f"Identity file {path!r} does not exist.")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise IdentityError(f"{name} is not a readable .safetensors file ({e}). It may be truncated; "
+                            "copy it again or retrain it.") from e
+    return _identity_from(name, meta, tensors)
+
+
+def _identity_from(name: str, meta: dict, tensors: dict) -> Identity:
+    if meta.get("sefi.format") != FORMAT_NAME:
+        raise IdentityError(f"{name} is a .safetensors file but not a SeFi identity (no 'sefi.format' metadata). "
+                            "Only files made by SeFi Train Identity go in models/sefi_identities.")
+    version = _parse(name, meta, "sefi.format_version", int)
+    if version > FORMAT_VERSION:
+        raise IdentityError(f"{name} has format version {version}; this pack reads up to {FORMAT_VERSION}. "
+                            "Update the SeFi node pack.")
+    for key in ("sefi.k_tokens", "sefi.v_tokens"):
+        if key not in tensors:
+            raise IdentityError(f"{name} has no {key!r} tensor; the file is damaged. Retrain the identity.")
+        if not tensors[key].is_floating_point():
+            raise IdentityError(f"{name}: {key!r} has dtype {tensors[key].dtype}; expected floating point.")
+    stage_count = _parse(name, meta, "sefi.stage_count", int)
+    if tensors["sefi.k_tokens"].shape[0] != stage_count:
+        raise IdentityError(f"{name}: metadata says {stage_count} stages but the K tokens have shape "
+                            f"{tuple(tensors['sefi.k_tokens'].shape)}; the file is damaged.")
+    try:
+        return Identity(
+            k_tokens=tensors["sefi.k_tokens"],
+            v_tokens=tensors["sefi.v_tokens"],
+            trigger=meta.get("sefi.trigger", ""),
+            class_word=meta.get("sefi.class_word", "person"),
+            boundaries=tuple(_parse(name, meta, "sefi.stage_boundaries", json.loads)),
+            base_model=meta.get("sefi.base_model", ""),
+            training=json.loads(meta.get("sefi.training", "{}") or "{}"),
+        )
+    except (IdentityError, ValueError) as e:
+        raise IdentityError(f"{name}: {e}") from e
+
+
+def _parse(name: str, meta: dict, key: str, parse):
+    try:
+        return parse(meta[key])
+    except (KeyError, ValueError, TypeError) as e:
+        raise IdentityError(f"{name}: metadata {key!r} is missing or malformed ({meta.get(key)!r}).") from e
