@@ -1,0 +1,282 @@
+"""Everything SeFi needs to know about ComfyUI, in one place: SD1.x checks, the identity folder, CLIP
+token access, and the clone-scoped patches that carry stage contexts from the text encoder into
+cross-attention.
+
+How a prompt with a trigger flows (see README "How it works"):
+1. `SefiTokenizer` (set on a CLIP clone) replaces each trigger's tokens by one marker entry. The marker
+   is a host embedding entry holding the class word's embedding, so a host without SeFi reads "person".
+2. `SefiEncode` (an object patch on the text encoder) sees markers and encodes, in one batch, the base
+   prompt plus, per segment of the denoising process, the K prompt and the V prompt. The base becomes
+   the conditioning; the stage contexts ride along as a model cond (`StageContextCond`).
+3. On the MODEL clone, a CALC_COND_BATCH wrapper gives conds without an identity a neutral entry (so
+   positive and negative still batch into one UNet call), a DIFFUSION_MODEL wrapper picks each row's
+   K/V context from its timestep, and `StageKVInjector`, first among attn2 patches, swaps them in.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import torch
+
+import comfy.conds
+import comfy.patcher_extension
+import folder_paths
+from comfy_api.latest import io
+
+from ..sefi_core.kv_inject import RowContexts, StageContextBatch, concat_rows, inject_kv, select_kv
+from ..sefi_core.prompt_tokens import IdentitySlot, mark_triggers, plan_variants
+
+log = logging.getLogger(__name__)
+
+IDENTITY_FOLDER = "sefi_identities"
+COND_KEY = "sefi_stage_contexts"  # model cond / apply_model kwarg carrying StageContextCond
+OPTIONS_KEY = "sefi_stage_kv"  # transformer_options entry: this UNet call's (k_ctx, v_ctx, rows)
+WRAPPER_KEY = "sefi_ide"
+MARKER_KEY = "sefi_identity"  # key in the host embedding entry that marks a trigger slot
+
+SefiIdentity = io.Custom("SEFI_IDENTITY")
+
+
+# ---------------------------------------------------------------- folders
+
+def register_identity_folder() -> None:
+    """models/sefi_identities, merged with any paths extra_model_paths.yaml gave the same folder name."""
+    default = os.path.join(folder_paths.models_dir, IDENTITY_FOLDER)
+    paths, _ = folder_paths.folder_names_and_paths.get(IDENTITY_FOLDER, ([], set()))
+    if default not in paths:
+        paths = paths + [default]
+    folder_paths.folder_names_and_paths[IDENTITY_FOLDER] = (paths, {".safetensors"})
+
+
+def identity_files() -> list[str]:
+    return folder_paths.get_filename_list(IDENTITY_FOLDER)
+
+
+def identity_path(name: str) -> str:
+    return folder_paths.get_full_path_or_raise(IDENTITY_FOLDER, name)
+
+
+def identity_save_dir() -> str:
+    return folder_paths.get_folder_paths(IDENTITY_FOLDER)[0]
+
+
+# ---------------------------------------------------------------- SD1.x checks
+
+def check_sd1_model(model) -> None:
+    config = model.model.model_config
+    context_dim = config.unet_config.get("context_dim")
+    family = type(config).__name__
+    if context_dim != 768 or "SD15" not in {c.__name__ for c in type(config).__mro__}:
+        raise ValueError(f"SeFi identities are for SD1.x models (768-d CLIP-L text context). This model is "
+                         f"{family} with a {context_dim}-d text context. Load an SD1.x checkpoint "
+                         "(SD 1.4/1.5, their fine-tunes or the SD1.5 inpainting model).")
+
+
+def check_sd1_clip(clip) -> None:
+    encoder = clip.cond_stage_model
+    if getattr(encoder, "clip_name", None) != "l" or not hasattr(encoder, "clip_l"):
+        raise ValueError(f"SeFi identities are for the SD1.x text encoder (CLIP-L). This CLIP is "
+                         f"{type(encoder).__name__}; use the CLIP output of an SD1.x Load Checkpoint.")
+    width = token_embedding_table(clip).shape[1]
+    if width != 768:
+        raise ValueError(f"SeFi identities need 768-d CLIP-L word embeddings; this CLIP's are {width}-d.")
+
+
+# ---------------------------------------------------------------- tokens
+
+def token_embedding_table(clip) -> torch.Tensor:
+    return clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight
+
+
+def word_token_ids(clip, word: str) -> tuple[int, ...]:
+    """The CLIP-L token ids the host's own tokenizer gives a word, without start/end/padding."""
+    tokenizer = clip.tokenizer.clip_l
+    chunk = tokenizer.tokenize_with_weights(word)[0]
+    ids = [e[0] for e in chunk[1:]]
+    return tuple(ids[: ids.index(tokenizer.end_token)])
+
+
+def word_embedding(clip, word: str) -> torch.Tensor:
+    """(768,) input embedding of a word; the mean of its tokens when the tokenizer splits it."""
+    ids = torch.tensor(word_token_ids(clip, word))
+    return token_embedding_table(clip)[ids].detach().to("cpu", torch.float32).mean(0)
+
+
+def model_fingerprint(clip) -> str:
+    """Short hash of the text encoder's word embeddings: tells SD1.x families apart cheaply."""
+    rows = token_embedding_table(clip)[:64].detach().to("cpu", torch.float32)
+    return hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16]
+
+
+class SefiTokenizer:
+    """Wraps a CLIP's tokenizer: trigger spans become marker entries. Lives on the CLIP clone only, so
+    the CLIP the node received keeps tokenizing as before; everything else is delegated."""
+
+    def __init__(self, inner, patterns: dict[tuple[int, ...], dict]):
+        self.inner = inner
+        self.patterns = patterns  # trigger token ids -> marker entry
+
+    def tokenize_with_weights(self, text, return_word_ids=False, **kwargs):
+        out = self.inner.tokenize_with_weights(text, return_word_ids, **kwargs)
+        chunks, count = mark_triggers(out["l"], self.patterns)
+        return {**out, "l": chunks} if count else out
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    @staticmethod
+    def extended(tokenizer, ids: tuple[int, ...], slot: IdentitySlot) -> "SefiTokenizer":
+        inner, patterns = (tokenizer.inner, dict(tokenizer.patterns)) if isinstance(tokenizer, SefiTokenizer) \
+            else (tokenizer, {})
+        for marker in patterns.values():
+            if marker[MARKER_KEY].trigger == slot.trigger or ids in patterns:
+                raise ValueError(f"Two identities use the trigger word {slot.trigger!r}. Give the second SeFi "
+                                 "Apply Stage Tokens node another trigger word (e.g. 'zwx') and use it in the prompt.")
+        patterns[ids] = {"type": "embedding", "data": slot.class_embedding, MARKER_KEY: slot}
+        return SefiTokenizer(inner, patterns)
+
+
+def slot_of(token) -> IdentitySlot | None:
+    return token.get(MARKER_KEY) if isinstance(token, dict) else None
+
+
+# ---------------------------------------------------------------- text encoder patch
+
+class SefiEncode:
+    """Object patch for `encode_token_weights`. Prompts without markers go straight to the original,
+    so it is harmless if the host leaves it on the shared encoder after the clone is unloaded."""
+
+    def __init__(self, original):
+        self.original = original
+
+    def __call__(self, token_weight_pairs):
+        chunks = token_weight_pairs.get("l")
+        plan = plan_variants(chunks, slot_of) if chunks else None
+        if plan is None:
+            return self.original(token_weight_pairs)
+        segments = len(plan.segments.stages)
+        batch = plan.base + [c for g in range(segments) for c in plan.keys[g] + plan.values[g]]
+        out = self.original({**token_weight_pairs, "l": batch})
+        cond, pooled = out[:2]  # cond (1, (1 + 2G) * L, C): base, then per segment its K and V prompts
+        length = cond.shape[1] // (1 + 2 * segments)
+        contexts = cond[:, length:].reshape(1, segments, 2, length, cond.shape[2])
+        extra = {k: (v[:, :length] if torch.is_tensor(v) and v.ndim >= 2 and v.shape[1] == cond.shape[1] else v)
+                 for k, v in (out[2] if len(out) > 2 else {}).items()}
+        model_conds = {**extra.get("model_conds", {}), COND_KEY: StageContextCond(contexts, plan.segments.cuts)}
+        return cond[:, :length], pooled, {**extra, "model_conds": model_conds}
+
+
+def patch_clip(clip, ids: tuple[int, ...], slot: IdentitySlot):
+    """A clone of `clip` that encodes `slot`'s trigger; `clip` itself is not changed."""
+    patched = clip.clone()
+    patched.tokenizer = SefiTokenizer.extended(clip.tokenizer, ids, slot)
+    if not isinstance(patched.patcher.get_model_object("encode_token_weights"), SefiEncode):
+        original = type(patched.cond_stage_model).encode_token_weights.__get__(patched.cond_stage_model)
+        existing = patched.patcher.object_patches.get("encode_token_weights", original)
+        patched.patcher.add_object_patch("encode_token_weights", SefiEncode(existing))
+    return patched
+
+
+# ---------------------------------------------------------------- conds and batching
+
+class StageContextCond(comfy.conds.CONDRegular):
+    """A conditioning's stage contexts (rows, G, 2, L, C) and segment cuts, or a neutral entry (None)
+    for conds without an identity, so that they still batch together."""
+
+    def __init__(self, contexts: torch.Tensor | None, cuts: tuple[float, ...], length: int | None = None):
+        self.contexts, self.cuts = contexts, tuple(cuts)
+        self.length = contexts.shape[3] if contexts is not None else length
+        self.cond = contexts if contexts is not None else torch.zeros(1, 1)  # for the host's generic code
+
+    def process_cond(self, batch_size, device=None, **kwargs):
+        if self.contexts is None:
+            return _Rows(RowContexts(batch_size, self.length))
+        contexts = self.contexts.to(device) if device is not None else self.contexts
+        repeats = -(-batch_size // contexts.shape[0])
+        return _Rows(RowContexts(batch_size, self.length, contexts.repeat(repeats, 1, 1, 1, 1)[:batch_size], self.cuts))
+
+    def can_concat(self, other):
+        return isinstance(other, (StageContextCond, _Rows))
+
+    def concat(self, others):
+        raise RuntimeError("StageContextCond must be processed before batching")
+
+    def size(self):
+        return list(self.contexts.shape) if self.contexts is not None else [1, 1]
+
+
+class _Rows(comfy.conds.CONDRegular):
+    """A processed StageContextCond: one conditioning's rows, batched by `concat_rows`."""
+
+    def __init__(self, part: RowContexts):
+        self.part = part
+        self.cond = part.contexts if part.contexts is not None else torch.zeros(part.rows, 1)
+
+    def can_concat(self, other):
+        return isinstance(other, _Rows)
+
+    def concat(self, others):
+        parts = [self.part, *(o.part for o in others)]
+        channels = next((p.contexts.shape[-1] for p in parts if p.contexts is not None), 768)
+        return concat_rows(parts, channels)
+
+    def size(self):
+        return list(self.cond.shape)
+
+
+def _with_neutral_entry(cond: dict) -> dict:
+    model_conds = cond.get("model_conds", {})
+    if COND_KEY in model_conds:
+        return cond
+    crossattn = model_conds.get("c_crossattn")
+    length = crossattn.cond.shape[1] if crossattn is not None else 77
+    return {**cond, "model_conds": {**model_conds, COND_KEY: StageContextCond(None, (), length)}}
+
+
+def _has_identity(conds) -> bool:
+    return any(COND_KEY in c.get("model_conds", {}) for group in conds if group for c in group)
+
+
+def batch_with_neutral_entries(executor, model, conds, x_in, timestep, model_options):
+    """CALC_COND_BATCH wrapper: conds need identical keys to share a UNet call."""
+    if _has_identity(conds):
+        conds = [None if group is None else [_with_neutral_entry(c) for c in group] for group in conds]
+    return executor(model, conds, x_in, timestep, model_options)
+
+
+def select_stage_kv(executor, x, timesteps, context=None, y=None, control=None, transformer_options={}, **kwargs):
+    """DIFFUSION_MODEL wrapper: picks each row's K/V context once per UNet call (not per layer)."""
+    batch: StageContextBatch | None = kwargs.pop(COND_KEY, None)
+    if batch is None or context is None or not bool(batch.has_identity.any()):
+        return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+    batch = batch.to(context.device, context.dtype)
+    k_ctx, v_ctx = select_kv(batch, timesteps)
+    options = {**transformer_options, OPTIONS_KEY: (k_ctx, v_ctx, batch.identity_rows(context.device))}
+    return executor(x, timesteps, context, y, control, options, **kwargs)
+
+
+class StageKVInjector:
+    """attn2 patch: keys from the K context, values from the V context of the row's current stage."""
+
+    def __call__(self, n, context_attn2, value_attn2, extra_options):
+        picked = extra_options.get(OPTIONS_KEY)
+        if picked is None:
+            return n, context_attn2, value_attn2
+        k_ctx, v_ctx, rows = picked
+        context_attn2, value_attn2 = inject_kv(context_attn2, value_attn2, k_ctx, v_ctx, rows)
+        return n, context_attn2, value_attn2
+
+
+def patch_model(model):
+    """A clone of `model` with the stage K/V injector installed once (chained Apply nodes share it).
+    The injector runs first among attn2 patches, so patches added before or after it see SeFi's K/V."""
+    patched = model.clone()
+    wrappers = comfy.patcher_extension.WrappersMP
+    if not patched.get_wrappers(wrappers.DIFFUSION_MODEL, WRAPPER_KEY):
+        patched.add_wrapper_with_key(wrappers.CALC_COND_BATCH, WRAPPER_KEY, batch_with_neutral_entries)
+        patched.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY, select_stage_kv)
+        patches = patched.model_options["transformer_options"].setdefault("patches", {})
+        patches["attn2_patch"] = [StageKVInjector(), *patches.get("attn2_patch", [])]
+    return patched

@@ -1,0 +1,38 @@
+"""SeFi Load Identity: an identity file from models/sefi_identities -> SEFI_IDENTITY."""
+import os
+
+from comfy_api.latest import io
+
+from ..sefi_core.identity import load_identity
+from .host import SefiIdentity, identity_files, identity_path
+
+
+class SefiLoadIdentity(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SefiLoadIdentity",
+            display_name="SeFi Load Identity",
+            category="SeFi-IDE",
+            description="Loads an identity trained by SeFi Train Identity (ten CLIP-L tokens, ~30 KB) from "
+                        "models/sefi_identities. Connect it to SeFi Apply Stage Tokens.",
+            inputs=[
+                io.Combo.Input("identity_file", options=identity_files(),
+                               tooltip="An identity in models/sefi_identities (or a folder named sefi_identities "
+                                       "in extra_model_paths.yaml). Press R in ComfyUI to refresh the list."),
+            ],
+            outputs=[
+                SefiIdentity.Output(display_name="identity", tooltip="The identity, for SeFi Apply Stage Tokens."),
+                io.String.Output(display_name="trigger", tooltip="The trigger word it was trained with, e.g. 'sks'."),
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, identity_file):
+        stat = os.stat(identity_path(identity_file))
+        return f"{identity_file}:{stat.st_mtime_ns}:{stat.st_size}"  # re-run when the file changes
+
+    @classmethod
+    def execute(cls, identity_file) -> io.NodeOutput:
+        identity = load_identity(identity_path(identity_file))
+        return io.NodeOutput(identity, identity.trigger)
