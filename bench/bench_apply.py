@@ -1,0 +1,81 @@
+"""Benchmark: sampling-step time of a SeFi-patched model over the unpatched one, and text-encode time of a
+prompt with the trigger over the same prompt without it, measured in one run on one machine.
+
+    COMFYUI_PATH=/path/to/ComfyUI python bench/bench_apply.py [--size 256] [--steps 4] [--repeats 3]
+
+Builds an SD1.5-size checkpoint with random weights (nothing is downloaded), runs the real host. The goal
+for the step ratio is <= 1.03. Absolute times are printed with the device they were taken on.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def timed(fn, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels (latent is size/8)")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--preset", default="sd15_size", help="checkpoint preset (sd15_size = real SD1.5 dims)")
+    args = parser.parse_args()
+
+    import conftest  # noqa: F401  (registers sefi_core, keeps the repo root off sys.path)
+    import comfy_probe as probe
+    from sefi_testkit.comfy_env import find_comfyui
+    from sefi_testkit.host import Host
+
+    comfy_path = find_comfyui()
+    if comfy_path is None:
+        sys.exit("Set COMFYUI_PATH to a ComfyUI checkout (see README).")
+    host = Host(comfy_path, ROOT, tempfile.mkdtemp(prefix="sefi-bench-"), data_dir=ROOT / "tests" / "data")
+    model, clip, _ = host.load_checkpoint(host.checkpoint(args.preset))
+    identity = probe.word_identity(clip, ["cat", "dog", "car", "tree", "house"], ["house", "tree", "car", "dog", "cat"])
+    patched_model, patched_clip = probe.apply(host, model, clip, identity)
+    text = "a photo of {} playing guitar in Paris, detailed, golden hour"
+    plain_pos, neg = probe.encode(host, clip, text.format("person")), probe.encode(host, clip, "blurry, lowres")
+    sefi_pos = probe.encode(host, patched_clip, text.format("sks"))
+
+    def run(m, pos):
+        return lambda: probe.sample(host, m, pos, neg, steps=args.steps, cfg=7.0, size=args.size)
+
+    run(model, plain_pos)(), run(patched_model, sefi_pos)()  # warm-up: load weights, allocate
+    plain_t, sefi_t = [], []
+    for _ in range(args.repeats):  # interleaved so drift hits both alike
+        plain_t += timed(run(model, plain_pos), 1)
+        sefi_t += timed(run(patched_model, sefi_pos), 1)
+    enc_plain = timed(lambda: probe.encode(host, patched_clip, text.format("person")), 2 * args.repeats)
+    enc_sefi = timed(lambda: probe.encode(host, patched_clip, text.format("sks")), 2 * args.repeats)
+
+    device = host.model_management.get_torch_device()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    step = lambda ts: statistics.median(ts) / args.steps
+    print(f"device: {name}; checkpoint preset {args.preset}; {args.size}x{args.size} px; cfg 7 (batch 2); "
+          f"{args.steps} steps x {args.repeats} interleaved repeats")
+    print(f"sampling step  unpatched {step(plain_t) * 1000:9.1f} ms   SeFi-patched {step(sefi_t) * 1000:9.1f} ms   "
+          f"ratio {statistics.median(sefi_t) / statistics.median(plain_t):.3f}  (goal <= 1.03)")
+    print(f"prompt encode  no trigger {statistics.median(enc_plain) * 1000:8.1f} ms   with trigger "
+          f"{statistics.median(enc_sefi) * 1000:8.1f} ms   ratio {statistics.median(enc_sefi) / statistics.median(enc_plain):.2f}"
+          "  (11 prompt variants in one batched encode)")
+
+
+if __name__ == "__main__":
+    main()
