@@ -1,0 +1,41 @@
+"""The token mapper (paper §3.2, §6.2, Fig. 11): two self-attention layers and one feed-forward layer map
+the class word's embedding to S (K, V) token pairs. Only this module learns; SD stays frozen."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TokenMapper(nn.Module):
+    """class embedding (C,) -> K tokens (S, C) and V tokens (S, C).
+
+    Each of the 2S outputs starts as the class embedding plus a learned slot embedding; the output
+    projection starts at zero, so training begins exactly at the class word (our choice, not the paper's).
+    The residual is scaled to the class embedding's per-dimension size, so Adam's step (lr 0.005) moves
+    tokens in word-embedding units rather than by whole embeddings.
+    """
+
+    def __init__(self, class_embedding: torch.Tensor, stage_count: int = 5, heads: int = 8):
+        super().__init__()
+        channels = class_embedding.shape[-1]
+        self.stage_count = stage_count
+        self.register_buffer("class_embedding", class_embedding.detach().float().clone())
+        self.slots = nn.Parameter(torch.randn(2 * stage_count, channels) * 0.02)  # (2S, C): K slots, then V slots
+        self.attn = nn.ModuleList(nn.MultiheadAttention(channels, heads, batch_first=True) for _ in range(2))
+        self.attn_norms = nn.ModuleList(nn.LayerNorm(channels) for _ in range(2))
+        self.ff_norm = nn.LayerNorm(channels)
+        self.ff = nn.Sequential(nn.Linear(channels, 4 * channels), nn.GELU(), nn.Linear(4 * channels, channels))
+        self.out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.scale = float(self.class_embedding.norm() / channels ** 0.5)
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cls = self.class_embedding
+        h = (cls / (cls.norm() + 1e-8) + self.slots).unsqueeze(0)  # (1, 2S, C)
+        for attn, norm in zip(self.attn, self.attn_norms):
+            x = norm(h)
+            h = h + attn(x, x, x, need_weights=False)[0]
+        h = h + self.ff(self.ff_norm(h))
+        tokens = cls + self.scale * self.out(h[0])  # (2S, C)
+        return tokens[: self.stage_count], tokens[self.stage_count:]

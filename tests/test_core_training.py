@@ -1,0 +1,128 @@
+"""Training pieces that need no host: attention loss vs an independent computation, mapper, augmentation,
+the loop's divergence guard and settings validation."""
+import pytest
+import torch
+
+from sefi_core.augment import as_rgb, augment, center_square
+from sefi_core.losses import attention_loss, token_mask
+from sefi_core.mapper import TokenMapper
+from sefi_core.plot import loss_curve_image
+from sefi_core.train import TrainSettings, TrainingDiverged, masked_mse, train_tokens
+
+
+def independent_attention_loss(q, k_t, k_r, heads, columns=None):
+    b, n, dim = q.shape
+    d = dim // heads
+    qh = q.reshape(b, n, heads, d)
+    maps = []
+    for k in (k_t, k_r):
+        kh = k.reshape(b, k.shape[1], heads, d)
+        maps.append(torch.softmax(torch.einsum("bnhd,bthd->bhnt", qh, kh) / d ** 0.5, dim=-1))
+    a_t, a_r = maps
+    if columns is not None:
+        a_t, a_r = a_t[..., columns], a_r[..., columns]
+    return ((a_t - a_r) ** 2).sum() / a_t.numel()
+
+
+@pytest.mark.parametrize("option", ["all", "trigger", "prompt"])
+def test_attention_loss_and_gradient_match_an_independent_computation(option):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 64, 40, generator=g, dtype=torch.float64)
+    k_t = torch.randn(2, 77, 40, generator=g, dtype=torch.float64, requires_grad=True)
+    k_r = torch.randn(2, 77, 40, generator=g, dtype=torch.float64)
+    mask = token_mask(option, 77, [6], 7)
+    columns = None if mask is None else mask.nonzero().flatten()
+    ours = attention_loss(q, k_t, k_r, heads=8, token_mask=mask)
+    theirs = independent_attention_loss(q, k_t, k_r, 8, columns)
+    assert ours.item() > 0
+    torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-9)
+    g_ours, = torch.autograd.grad(ours, k_t)
+    g_theirs, = torch.autograd.grad(theirs, k_t)
+    torch.testing.assert_close(g_ours.double(), g_theirs, rtol=1e-4, atol=1e-9)
+
+
+def test_token_mask_options():
+    assert token_mask("all", 77, [5], 8) is None
+    assert token_mask("trigger", 77, [5], 8).nonzero().flatten().tolist() == [5]
+    assert token_mask("prompt", 77, [5], 8).sum() == 9
+
+
+@pytest.mark.parametrize("stages", [1, 5, 10])
+def test_mapper_starts_at_the_class_word_and_learns(stages):
+    cls = torch.randn(768) * 0.02
+    mapper = TokenMapper(cls, stages)
+    k, v = mapper()
+    assert k.shape == v.shape == (stages, 768)
+    assert torch.equal(k, cls.expand_as(k)) and torch.equal(v, cls.expand_as(v))
+    (k.sum() + 2 * v.sum()).backward()
+    assert all(p.grad is not None for p in mapper.parameters())
+
+
+@pytest.mark.parametrize("shape", [(300, 451, 3), (64, 64, 1), (100, 40, 4)])
+def test_augment_any_image_shape(shape):
+    square = center_square(as_rgb(torch.rand(shape)), 64)
+    g = torch.Generator().manual_seed(0)
+    image, mask = augment(square, g)
+    assert image.shape == (3, 64, 64) and mask.shape == (64, 64)
+    assert 0 <= image.min() and image.max() <= 1
+    side = int(mask.sum().sqrt())
+    assert 6 <= side <= 64 and mask.sum() == side * side  # scale 0.1-1.0 of the canvas
+
+
+def test_augment_rejects_non_images():
+    with pytest.raises(ValueError, match="height, width"):
+        as_rgb(torch.rand(3, 4))
+
+
+def test_masked_mse_ignores_outside():
+    pred, target = torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2)
+    pred[..., 1, :] = 5
+    mask = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
+    assert masked_mse(pred, target, mask).item() == pytest.approx(1.0)
+
+
+def _fake_host(scale=1.0):
+    target = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    samples = [(torch.zeros(1, 4, 4, 4), torch.ones(1, 1, 4, 4))]
+
+    def encode_kv(index, k, v):
+        return k.view(1, 1, -1), v.view(1, 1, -1)
+
+    def denoise(latent, noise, t, k_ctx, v_ctx, index):
+        eps = noise + scale * (k_ctx.sum() + v_ctx.sum()) * target
+        return eps, (k_ctx ** 2).mean()
+
+    return samples, encode_kv, denoise
+
+
+def test_loop_is_deterministic_and_lowers_the_loss():
+    samples, encode_kv, denoise = _fake_host()
+    cls = torch.randn(768, generator=torch.Generator().manual_seed(1)) * 0.02
+    settings = TrainSettings(steps=60, seed=4, resolution=64)
+    a = train_tokens(settings, cls, samples, encode_kv, denoise)
+    b = train_tokens(settings, cls, samples, encode_kv, denoise)
+    assert torch.equal(a.k_tokens, b.k_tokens) and a.losses == b.losses
+    assert sum(a.losses[-10:]) < sum(a.losses[:10])
+
+
+def test_non_finite_loss_stops_with_advice():
+    samples, encode_kv, _ = _fake_host()
+    nan = lambda *args: (torch.full((1, 4, 4, 4), float("nan")), torch.zeros(()))
+    with pytest.raises(TrainingDiverged, match="Lower the learning rate"):
+        train_tokens(TrainSettings(steps=3, resolution=64), torch.zeros(768), samples, encode_kv, nan)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"steps": 0}, "steps"), ({"learning_rate": -1.0}, "learning rate"), ({"learning_rate": float("nan")}, "learning rate"),
+    ({"attention_weight": -0.1}, "attention-loss weight"), ({"resolution": 500}, "multiple of 64"),
+    ({"stage_count": 3}, "1, 5 or 10"), ({"attention_option": "x"}, "attention-loss option"),
+])
+def test_settings_reject_invalid_numbers(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainSettings(**kwargs)
+
+
+def test_loss_curve_image():
+    image = loss_curve_image([3.0 - 0.01 * i for i in range(200)])
+    assert image.shape == (256, 512, 3) and image.dtype.name == "float32"
+    assert (image < 0.9).any(axis=2).sum() > 500  # something was drawn
