@@ -4,13 +4,14 @@ from comfy_api.latest import ComfyExtension, io
 from .apply_stage_tokens import SefiApplyStageTokens
 from .host import register_identity_folder
 from .load_identity import SefiLoadIdentity
+from .train_identity import SefiTrainIdentity
 
 register_identity_folder()
 
 
 class SefiExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [SefiLoadIdentity, SefiApplyStageTokens]
+        return [SefiTrainIdentity, SefiLoadIdentity, SefiApplyStageTokens]
 
 
 async def comfy_entrypoint() -> SefiExtension:

@@ -1,0 +1,114 @@
+"""SeFi Train Identity: one photo + the loaded SD1.x model -> an identity, saved to models/sefi_identities."""
+import logging
+import os
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+from comfy_api.latest import io
+
+from ..sefi_core.identity import Identity, IdentityError, save_identity, validate_identity_name, validate_trigger
+from ..sefi_core.losses import ATTENTION_OPTIONS
+from ..sefi_core.plot import loss_curve_image
+from ..sefi_core.train import TrainSettings, train_tokens
+from . import host
+from .training import HostTrainer, frozen
+
+log = logging.getLogger(__name__)
+AUGMENTED_VIEWS = 32  # augmented copies VAE-encoded once up front, then drawn at random each step
+
+
+class SefiTrainIdentity(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SefiTrainIdentity",
+            display_name="SeFi Train Identity",
+            category="SeFi-IDE",
+            description="Learns an identity (ten CLIP-L tokens, ~30 KB) from one photo on the model you loaded, "
+                        "and saves it to models/sefi_identities. About 1000 steps; Cancel stops it and saves nothing.",
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.x model to train on (not an inpainting checkpoint)."),
+                io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint."),
+                io.Vae.Input("vae", tooltip="The VAE of the same checkpoint; encodes the photo."),
+                io.Image.Input("image", tooltip="One photo of the subject (a batch of photos of the same subject "
+                                                "is used in turn). Any size; it is centre-cropped to a square."),
+                io.String.Input("name", default="my_identity",
+                                tooltip="File name in models/sefi_identities (letters, digits, - and _)."),
+                io.String.Input("trigger", default="sks", tooltip="The word your prompts will use, e.g. 'sks'."),
+                io.String.Input("class_word", default="person",
+                                tooltip="What the subject is: 'person' for faces; 'dog', 'cat', 'bear'... otherwise."),
+                io.Int.Input("steps", default=1000, min=1, max=20000,
+                             tooltip="Optimisation steps; the paper uses about 1000."),
+                io.Float.Input("learning_rate", default=0.005, min=0.00001, max=0.1, step=0.0005,
+                               tooltip="Adam learning rate; the paper uses 0.005. Lower it if the loss explodes."),
+                io.Float.Input("attention_weight", default=0.003, min=0.0, max=1.0, step=0.001,
+                               tooltip="Lambda of the face-wise attention loss; the paper uses 0.003 "
+                                       "(0.01 and 0.05 underfit). 0 turns it off."),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip="Seed for steps, noise and augmentation."),
+                io.Int.Input("resolution", default=512, min=64, max=1024, step=64,
+                             tooltip="Training resolution in pixels; SD1.x models are made for 512."),
+                io.Combo.Input("kv_pairs", options=["5", "1", "10"], default="5",
+                               tooltip="Timestep stages, one K/V token pair each. 5 is the paper's choice; "
+                                       "1 and 10 are its ablations (Table 2)."),
+                io.Combo.Input("attention_loss", options=list(ATTENTION_OPTIONS), default=list(ATTENTION_OPTIONS)[0],
+                               tooltip="Which token maps the attention loss compares: all 77 (#3, the paper's), "
+                                       "only the trigger's (#1) or the prompt's tokens (#2)."),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Replace an identity file of the same name. Off: an existing name is an error."),
+            ],
+            outputs=[
+                host.SefiIdentity.Output(display_name="identity", tooltip="The trained identity, for SeFi Apply Stage Tokens."),
+                io.Image.Output(display_name="loss_curve", tooltip="The training loss over the steps."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, image, name, trigger, class_word, steps, learning_rate, attention_weight,
+                seed, resolution, kv_pairs, attention_loss, overwrite) -> io.NodeOutput:
+        host.check_sd1_model(model)
+        host.check_sd1_clip(clip)
+        if model.model.concat_keys:
+            raise ValueError("This is an inpainting checkpoint. Train on the ordinary SD1.x checkpoint; the identity "
+                             "then works with the inpainting checkpoint too.")
+        path = os.path.join(host.identity_save_dir(), validate_identity_name(name))
+        if os.path.exists(path) and not overwrite:
+            raise IdentityError(f"An identity named {os.path.basename(path)!r} already exists. Choose another name, "
+                                "or switch 'overwrite' on to replace it.")
+        trigger, class_word = validate_trigger(trigger), validate_trigger(class_word, "class word")
+        settings = TrainSettings(steps=steps, learning_rate=learning_rate, attention_weight=attention_weight, seed=seed,
+                                 resolution=resolution, stage_count=int(kv_pairs),
+                                 attention_option=ATTENTION_OPTIONS[attention_loss])
+        result = cls.train(model, clip, vae, image, trigger, class_word, settings)
+        identity = Identity(result.k_tokens, result.v_tokens, trigger, class_word,
+                            base_model=host.model_fingerprint(clip), training=settings.as_metadata())
+        save_identity(identity, path, overwrite=overwrite)
+        log.info("SeFi: saved identity %s (final loss %.4f)", path, result.losses[-1])
+        curve = torch.from_numpy(loss_curve_image(result.losses)).unsqueeze(0)
+        return io.NodeOutput(identity, curve)
+
+    @staticmethod
+    def train(model, clip, vae, image, trigger, class_word, settings):
+        progress = comfy.utils.ProgressBar(settings.steps)
+
+        def on_step(step, loss):
+            progress.update_absolute(step + 1, settings.steps)
+            if (step + 1) % 100 == 0:
+                log.info("SeFi training step %d/%d loss %.4f", step + 1, settings.steps, loss)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+
+        trainer = HostTrainer(model, clip, trigger, class_word, settings.attention_option)
+        with torch.inference_mode(False), torch.enable_grad(), frozen(model.model, clip.cond_stage_model):
+            try:
+                trainer.load()
+                generator = torch.Generator().manual_seed(settings.seed)
+                samples = trainer.training_samples(image, vae, settings.resolution,
+                                                   min(AUGMENTED_VIEWS, settings.steps), generator)
+                trainer.find_loss_layers(samples[0][0])
+                class_embedding = host.word_embedding(clip, class_word)
+                return train_tokens(settings, class_embedding, samples, trainer.encode_kv, trainer.denoise,
+                                    on_step, device=trainer.device)
+            finally:
+                trainer.release()

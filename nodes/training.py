@@ -1,0 +1,180 @@
+"""Training inside the host: gradients through ComfyUI's frozen, already-loaded UNet and CLIP.
+
+Host traps handled here (see shared notes §4): weights loaded under the executor are inference tensors,
+so every weight gets an identity weight wrapper on a clone (a fresh copy per forward that autograd can
+save); CLIPLayer adds in place, so the clone's CLIP layers get an out-of-place forward; parameters are
+shared with the host, so their requires_grad flags are switched off for the run and restored after.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+import comfy.model_management
+
+from ..sefi_core.augment import as_rgb, augment, center_square
+from ..sefi_core.losses import attention_loss, token_mask
+from ..sefi_core.prompt_tokens import mark_triggers
+from ..sefi_core.train import PROMPT_TEMPLATES
+from .host import OPTIONS_KEY, StageKVInjector, word_token_ids
+
+_SLOT = object()  # marks the trigger's slot while building training prompts
+
+
+def _identity(weight):
+    return weight
+
+
+def _out_of_place(layer):
+    def forward(x, mask=None, optimized_attention=None):
+        x = x + layer.self_attn(layer.layer_norm1(x), mask, optimized_attention)
+        return x + layer.mlp(layer.layer_norm2(x))
+    return forward
+
+
+def _wrap_weights(patcher, root) -> None:
+    for name, module in root.named_modules():
+        if hasattr(module, "weight_function"):
+            for attr in ("weight", "bias"):
+                if getattr(module, attr, None) is not None:
+                    patcher.add_weight_wrapper(f"{name}.{attr}", _identity)
+
+
+@contextlib.contextmanager
+def frozen(*modules):
+    """requires_grad off on the (shared) host parameters for the run; the original flags come back after."""
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+class HostTrainer:
+    """The host-specific callables `sefi_core.train.train_tokens` needs, built on clones of the inputs."""
+
+    def __init__(self, model, clip, trigger: str, class_word: str, attention_option: str):
+        self.model, self.clip = model.clone(), clip.clone()
+        _wrap_weights(self.model, self.model.model)
+        _wrap_weights(self.clip.patcher, self.clip.cond_stage_model)
+        layers = self.clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers
+        for i, layer in enumerate(layers):
+            self.clip.patcher.add_object_patch(f"clip_l.transformer.text_model.encoder.layers.{i}.forward",
+                                               _out_of_place(layer))
+        self.tokenizer = getattr(clip.tokenizer, "inner", clip.tokenizer)  # a SeFi CLIP's plain tokenizer
+        self.trigger_ids = word_token_ids(clip, trigger)
+        self.class_word, self.trigger, self.attention_option = class_word, trigger, attention_option
+        self.sampling = self.model.get_model_object("model_sampling")
+        self._prompts, self._references, self._masks = {}, {}, {}
+        self.loss_layers: list = []
+
+    def load(self) -> None:
+        comfy.model_management.load_models_gpu([self.model, self.clip.patcher], force_full_load=True)
+        self.device = self.model.load_device
+
+    def release(self) -> None:
+        """Unload the training clones so their wrappers and object patches leave the shared modules."""
+        loaded = comfy.model_management.current_loaded_models
+        for i in reversed(range(len(loaded))):
+            if loaded[i].model in (self.model, self.clip.patcher):
+                loaded.pop(i).model_unload()
+
+    # -- data ------------------------------------------------------------------------------------
+
+    def training_samples(self, images: torch.Tensor, vae, resolution: int, count: int, generator) -> list:
+        """`count` augmented views, VAE-encoded once up front; the images of the batch are used in turn."""
+        squares = [center_square(as_rgb(image), resolution) for image in images]
+        samples = []
+        for k in range(count):
+            pixels, mask = augment(squares[k % len(squares)], generator)
+            latent = vae.encode(pixels.permute(1, 2, 0).unsqueeze(0))
+            latent = self.model.model.process_latent_in(latent).to(self.device)
+            small = torch.nn.functional.adaptive_avg_pool2d(mask[None, None], latent.shape[-2:])
+            samples.append((latent.float(), (small > 0.5).float().to(self.device)))
+        return samples
+
+    # -- prompts ---------------------------------------------------------------------------------
+
+    def _template(self, index: int) -> list:
+        if index not in self._prompts:
+            tokens = self.tokenizer.tokenize_with_weights(PROMPT_TEMPLATES[index].format(self.trigger))["l"]
+            self._prompts[index], _ = mark_triggers(tokens, {self.trigger_ids: _SLOT})
+        return self._prompts[index]
+
+    def _with_token(self, index: int, token: torch.Tensor) -> list:
+        return [[({"type": "embedding", "data": token} if e[0] is _SLOT else e[0], *e[1:]) for e in chunk]
+                for chunk in self._template(index)]
+
+    def encode_kv(self, index: int, k_token: torch.Tensor, v_token: torch.Tensor):
+        cond = self.clip.encode_from_tokens({"l": self._with_token(index, k_token) + self._with_token(index, v_token)})
+        length = cond.shape[1] // 2
+        return cond[:, :length].to(self.device), cond[:, length:].to(self.device)
+
+    def reference(self, index: int) -> torch.Tensor:
+        """The reference prompt: the template with the class word in the trigger's place (no gradient)."""
+        if index not in self._references:
+            with torch.no_grad():
+                text = PROMPT_TEMPLATES[index].format(self.class_word)
+                self._references[index] = self.clip.encode_from_tokens(self.tokenizer.tokenize_with_weights(text)).to(self.device)
+        return self._references[index]
+
+    def _token_mask(self, index: int):
+        if index not in self._masks:
+            chunk = self._template(index)[0]
+            slots = [i for i, e in enumerate(chunk) if e[0] is _SLOT]
+            end = next(i for i, e in enumerate(chunk) if e[0] == self.tokenizer.clip_l.end_token)
+            self._masks[index] = token_mask(self.attention_option, len(chunk), slots, end)
+        return self._masks[index]
+
+    # -- UNet ------------------------------------------------------------------------------------
+
+    def find_loss_layers(self, latent: torch.Tensor) -> None:
+        """The cross-attention layers at half the latent size (32x32 at 512 px, as in Algorithm 1), or the
+        nearest size a model has; found with one forward pass."""
+        sizes = {}
+        modules = [m for name, m in self.model.model.diffusion_model.named_modules() if name.endswith("attn2")]
+
+        def record(module, args, kwargs):
+            sizes[module] = args[0].shape[1]
+
+        target = (latent.shape[-2] // 2) * (latent.shape[-1] // 2)
+        with torch.no_grad(), _hooks(modules, record):
+            context = self.reference(0)
+            self._apply(latent, torch.zeros_like(latent), 500, context, context)
+        best = min(abs(n - target) for n in sizes.values())
+        self.loss_layers = [m for m, n in sizes.items() if abs(n - target) == best]
+
+    def _apply(self, latent, noise, t, k_context, v_context):
+        sigma = self.sampling.sigma(torch.tensor([float(t)], device=self.device))
+        x = self.sampling.noise_scaling(sigma, noise, latent)
+        options = {"patches": {"attn2_patch": [StageKVInjector()]}, OPTIONS_KEY: (k_context, v_context, None)}
+        denoised = self.model.model.apply_model(x, sigma, c_crossattn=k_context, transformer_options=options)
+        return (x - denoised.float()) / sigma.view(-1, 1, 1, 1)
+
+    def denoise(self, latent, noise, t, k_context, v_context, index):
+        reference, mask, losses = self.reference(index), self._token_mask(index), []
+
+        def attention_hook(module, args, kwargs):
+            x, context = args[0], kwargs["context"]
+            q = module.to_q(x)
+            losses.append(attention_loss(q, module.to_k(context), module.to_k(reference.to(context)), module.heads, mask))
+
+        with _hooks(self.loss_layers, attention_hook):
+            eps = self._apply(latent, noise, t, k_context, v_context)
+        return eps, torch.stack(losses).mean() if losses else torch.zeros((), device=eps.device)
+
+
+@contextlib.contextmanager
+def _hooks(modules, hook):
+    """Forward pre-hooks that exist only inside the `with` (removed even on cancel or error)."""
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
