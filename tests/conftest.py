@@ -1,0 +1,85 @@
+"""Shared fixtures. Host-free tests import `sefi_core` directly; host tests use the `host` fixture,
+which needs a real ComfyUI checkout named by $COMFYUI_PATH and is skipped without one."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+
+from sefi_testkit.comfy_env import ENV_VAR, find_comfyui
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TESTS_DIR = REPO_ROOT / "tests"
+
+log = logging.getLogger(__name__)
+
+
+def _drop_repo_root_from_sys_path() -> None:
+    # `python -m pytest` puts the working directory on sys.path; from the repo root that makes
+    # the pack's `nodes/` package shadow ComfyUI's `nodes` module.
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT]
+
+
+def _register_sefi_core() -> None:
+    """Make `import sefi_core` load the repo's sefi_core/ without the repo root on sys.path."""
+    if "sefi_core" in sys.modules:
+        return
+    package_dir = REPO_ROOT / "sefi_core"
+    spec = importlib.util.spec_from_file_location(
+        "sefi_core", package_dir / "__init__.py", submodule_search_locations=[str(package_dir)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sefi_core"] = module
+    spec.loader.exec_module(module)
+
+
+_drop_repo_root_from_sys_path()
+_register_sefi_core()
+
+
+class _RepoRootAsPlainDir:
+    """The repo root holds the pack's __init__.py, so pytest would collect it as a Package and
+    import that __init__.py in setup, which needs the host. Collect it as a plain directory.
+    Registered as a plugin because conftest hooks do not apply to the conftest's parent dir."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path, parent):
+        if path == REPO_ROOT:
+            return pytest.Dir.from_parent(parent, path=path)
+        return None
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_RepoRootAsPlainDir(), "sefi-repo-root-dir")
+
+
+def _skip_reason() -> str:
+    import os
+
+    raw = os.environ.get(ENV_VAR, "").strip()
+    if not raw:
+        return f"{ENV_VAR} is not set: host tests need a real ComfyUI checkout (see README)"
+    return f"{ENV_VAR}={raw} is not a ComfyUI checkout: host tests need a real ComfyUI checkout (see README)"
+
+
+@pytest.fixture(scope="session")
+def host(tmp_path_factory):
+    """The one headless ComfyUI host of this session, with the pack loaded. Checkpoints
+    `tiny.safetensors` and `sd1_layout.safetensors` are generated on first use."""
+    comfy_path = find_comfyui()
+    if comfy_path is None:
+        pytest.skip(_skip_reason())
+    from sefi_testkit.host import Host
+
+    return Host(comfy_path, REPO_ROOT, tmp_path_factory.mktemp("comfy_host"), data_dir=TESTS_DIR / "data")
+
+
+@pytest.fixture
+def host_clean(host):
+    """The session host with executor caches, progress, events and interrupts reset around the test."""
+    host.reset()
+    yield host
+    host.reset()
