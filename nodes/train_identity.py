@@ -100,7 +100,8 @@ class SefiTrainIdentity(io.ComfyNode):
             comfy.model_management.throw_exception_if_processing_interrupted()
 
         trainer = HostTrainer(model, clip, trigger, class_word, settings.attention_option)
-        with torch.inference_mode(False), torch.enable_grad(), frozen(model.model, clip.cond_stage_model):
+        # frozen() outside: the executor's inference mode is the only place the flags may be set back.
+        with frozen(model.model, clip.cond_stage_model), torch.inference_mode(False), torch.enable_grad():
             try:
                 trainer.load()
                 generator = torch.Generator().manual_seed(settings.seed)

@@ -43,7 +43,8 @@ def _wrap_weights(patcher, root) -> None:
 
 @contextlib.contextmanager
 def frozen(*modules):
-    """requires_grad off on the (shared) host parameters for the run; the original flags come back after."""
+    """requires_grad off on the (shared) host parameters for the run; the original flags come back after.
+    Enter it in the executor's inference mode: inference tensors' flags can only be set there."""
     params = [p for m in modules for p in m.parameters()]
     flags = [p.requires_grad for p in params]
     try:
@@ -92,8 +93,9 @@ class HostTrainer:
         samples = []
         for k in range(count):
             pixels, mask = augment(squares[k % len(squares)], generator)
-            latent = vae.encode(pixels.permute(1, 2, 0).unsqueeze(0))
-            latent = self.model.model.process_latent_in(latent).to(self.device)
+            with torch.no_grad():
+                latent = vae.encode(pixels.permute(1, 2, 0).unsqueeze(0))
+                latent = self.model.model.process_latent_in(latent).to(self.device)
             small = torch.nn.functional.adaptive_avg_pool2d(mask[None, None], latent.shape[-2:])
             samples.append((latent.float(), (small > 0.5).float().to(self.device)))
         return samples

@@ -1,0 +1,123 @@
+"""SeFi Train Identity against the real host: trains, saves, loads, applies; cancels cleanly; leaves the
+host model as it was."""
+import sys
+
+import pytest
+import torch
+
+import comfy_probe as probe
+from sefi_core.identity import load_identity
+
+
+def train_graph(name, steps=20, overwrite=False, image="astronaut.png", **extra):
+    inputs = {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "image": ["2", 0], "name": name,
+              "trigger": "sks", "class_word": "person", "steps": steps, "learning_rate": 0.005,
+              "attention_weight": 0.003, "seed": 0, "resolution": 64, "kv_pairs": "5",
+              "attention_loss": "all tokens (#3, paper)", "overwrite": overwrite}
+    inputs.update(extra)
+    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
+            "2": {"class_type": "LoadImage", "inputs": {"image": image}},
+            "3": {"class_type": "SefiTrainIdentity", "inputs": inputs},
+            "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 1]}}}
+
+
+def trainer_module(host):
+    return sys.modules[host.pack.__name__ + ".nodes.training"]
+
+
+def fixed_pair_loss(host, trainer, samples, k_tokens, v_tokens):
+    """Denoising loss of (K, V) tokens on fixed (t, noise) pairs, stage by stage."""
+    g = torch.Generator().manual_seed(123)
+    total = 0.0
+    with torch.no_grad():
+        for t in (50, 250, 450, 650, 850):
+            stage = 4 - t // 200
+            latent, mask = samples[0]
+            noise = torch.randn(latent.shape, generator=g)
+            k_ctx, v_ctx = trainer.encode_kv(0, k_tokens[stage], v_tokens[stage])
+            eps, _ = trainer.denoise(latent, noise, t, k_ctx, v_ctx, 0)
+            total += float(((eps - noise) ** 2 * mask).sum() / (mask.sum() * 4))
+    return total
+
+
+def test_training_lowers_the_loss_saves_and_the_identity_applies(host):
+    result = host.run(train_graph("trained_a", steps=30))
+    assert result.success, result.error
+    path = host.identity_dir / "trained_a.safetensors"
+    identity = load_identity(path)
+    assert identity.trigger == "sks" and identity.stage_count == 5 and identity.training["steps"] == 30
+    assert len(result.outputs["4"]["images"]) == 1  # the loss curve
+    assert [v for v, _ in host.progress][-1] == 30
+
+    model, clip, vae = host.load_checkpoint("tiny.safetensors")
+    training = trainer_module(host)
+    trainer = training.HostTrainer(model, clip, "sks", "person", "all")
+    with torch.inference_mode(), training.frozen(model.model, clip.cond_stage_model), torch.inference_mode(False):
+        trainer.load()
+        image = host.nodes.LoadImage().load_image("astronaut.png")[0]
+        samples = trainer.training_samples(image, vae, 64, 1, torch.Generator().manual_seed(0))
+        trainer.find_loss_layers(samples[0][0])
+        cls = probe.embedding(clip, "person").expand(5, 768)
+        before = fixed_pair_loss(host, trainer, samples, cls, cls)
+        after = fixed_pair_loss(host, trainer, samples, identity.k_tokens, identity.v_tokens)
+        trainer.release()
+    assert after < before
+
+    graph = probe.txt2img_graph("a photo of sks laughing", "blurry", identity="trained_a.safetensors")
+    applied = host.run(graph)
+    assert applied.success, applied.error
+    assert torch.isfinite(probe.saved_latent(host, applied)).all()
+
+
+def test_host_model_is_unchanged_by_training(host):
+    model, clip, vae = host.load_checkpoint("tiny.safetensors")
+    flags = [p.requires_grad for p in model.model.parameters()] + [p.requires_grad for p in clip.cond_stage_model.parameters()]
+    pos, neg = probe.encode(host, clip, "a photo of a person"), probe.encode(host, clip, "blurry")
+    before = probe.sample(host, model, pos, neg, steps=2)
+    image = host.nodes.LoadImage().load_image("chelsea.png")[0]
+    with torch.inference_mode():
+        host.node("SefiTrainIdentity").execute(model=model, clip=clip, vae=vae, image=image, name="cat_b", trigger="sks",
+                                               class_word="cat", steps=3, learning_rate=0.005, attention_weight=0.003,
+                                               seed=0, resolution=64, kv_pairs="1", attention_loss="trigger only (#1)",
+                                               overwrite=True)
+    after_flags = [p.requires_grad for p in model.model.parameters()] + [p.requires_grad for p in clip.cond_stage_model.parameters()]
+    assert after_flags == flags
+    assert all(p.grad is None for p in model.model.parameters())
+    assert all(p.grad is None for p in clip.cond_stage_model.parameters())
+    assert torch.equal(probe.encode(host, clip, "a photo of a person")[0][0], pos[0][0])
+    assert torch.equal(probe.sample(host, model, pos, neg, steps=2), before)
+    assert load_identity(host.identity_dir / "cat_b.safetensors").stage_count == 1
+
+
+def test_cancel_leaves_no_file_and_the_next_prompt_runs(host):
+    host.interrupt_at_tick(2)
+    result = host.run(train_graph("cancelled", steps=200))
+    assert result.interrupted and not result.success
+    assert not list(host.identity_dir.glob("cancelled*")) and not list(host.identity_dir.glob(".sefi-*"))
+    assert host.run(probe.txt2img_graph("a photo of a person", "blurry")).success
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"name": "../escape"}, "path separator"),
+    ({"trigger": "two words"}, "has spaces"),
+])
+def test_bad_inputs_fail_before_any_work(host, extra, message):
+    result = host.run(train_graph(**{"name": "x", "steps": 500, **extra}))
+    assert not result.success
+    assert message in result.error["exception_message"]
+    assert host.progress == []  # no training step ran
+
+
+def test_existing_identity_is_not_overwritten(host):
+    assert host.run(train_graph("keep_me", steps=2)).success
+    before = (host.identity_dir / "keep_me.safetensors").read_bytes()
+    result = host.run(train_graph("keep_me", steps=2, seed=7))
+    assert not result.success and "overwrite" in result.error["exception_message"]
+    assert (host.identity_dir / "keep_me.safetensors").read_bytes() == before
+    assert host.run(train_graph("keep_me", steps=2, seed=7, overwrite=True)).success
+    assert (host.identity_dir / "keep_me.safetensors").read_bytes() != before
+
+
+def test_zero_steps_is_rejected_by_validation(host):
+    result = host.run(train_graph("zero", steps=0))
+    assert not result.success and result.node_errors
