@@ -3,7 +3,7 @@ which needs a real ComfyUI checkout named by $COMFYUI_PATH and is skipped withou
 from __future__ import annotations
 
 import importlib.util
-import logging
+import os
 import sys
 from pathlib import Path
 
@@ -13,8 +13,6 @@ from sefi_testkit.comfy_env import ENV_VAR, find_comfyui
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TESTS_DIR = REPO_ROOT / "tests"
-
-log = logging.getLogger(__name__)
 
 
 def _drop_repo_root_from_sys_path() -> None:
@@ -57,8 +55,6 @@ def pytest_configure(config):
 
 
 def _skip_reason() -> str:
-    import os
-
     raw = os.environ.get(ENV_VAR, "").strip()
     if not raw:
         return f"{ENV_VAR} is not set: host tests need a real ComfyUI checkout (see README)"
