@@ -1,0 +1,134 @@
+"""ComfyUI's saved-workflow format (what the frontend saves and loads, version 0.4) <-> the API prompt format
+the executor runs, using the host's own node registry for input order and types."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}  # frontend-only
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def _inputs(registry, node_type) -> list[tuple[str, str, dict]]:
+    """(name, type, options) for every input in the order the frontend lays them out."""
+    spec = registry[node_type].INPUT_TYPES()
+    out = []
+    for group in ("required", "optional"):
+        for name, value in spec.get(group, {}).items():
+            kind = "COMBO" if isinstance(value[0], list) else value[0]
+            out.append((name, kind, value[1] if len(value) > 1 else {}))
+    return out
+
+
+def _extra_widget_values(options: dict) -> int:
+    """Values the frontend stores after a widget: the seed's 'control after generate', the upload button."""
+    return int(bool(options.get("control_after_generate"))) + int(bool(options.get("image_upload")))
+
+
+def is_widget(kind: str) -> bool:
+    return kind in WIDGET_TYPES
+
+
+def outputs(registry, node_type) -> list[tuple[str, str]]:
+    cls = registry[node_type]
+    names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+    return list(zip(names, cls.RETURN_TYPES))
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    pos: tuple[int, int]
+    widgets: dict = field(default_factory=dict)  # input name -> value (defaults otherwise)
+    links: dict = field(default_factory=dict)  # input name -> (source node id, output slot)
+    size: tuple[int, int] = (320, 160)
+    title: str | None = None
+
+
+@dataclass
+class Note:
+    id: int
+    pos: tuple[int, int]
+    text: str
+    size: tuple[int, int] = (360, 180)
+
+
+def build(items: list, registry) -> dict:
+    """A saved workflow from Node and Note descriptions."""
+    links, link_id = [], 0
+    nodes = {item.id: _node_json(item, registry) for item in items}
+    for item in items:
+        if not isinstance(item, Node):
+            continue
+        target = nodes[item.id]
+        for name, (source, slot) in item.links.items():
+            link_id += 1
+            socket = next(i for i in target["inputs"] if i["name"] == name)
+            kind = nodes[source]["outputs"][slot]["type"]
+            socket["link"] = link_id
+            nodes[source]["outputs"][slot]["links"].append(link_id)
+            links.append([link_id, source, slot, item.id, target["inputs"].index(socket), kind])
+    return {"last_node_id": max(nodes), "last_link_id": link_id, "nodes": list(nodes.values()), "links": links,
+            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+
+def _node_json(item, registry) -> dict:
+    base = {"id": item.id, "pos": list(item.pos), "size": list(item.size), "flags": {}, "order": item.id, "mode": 0}
+    if isinstance(item, Note):
+        return {**base, "type": "Note", "properties": {"text": ""}, "widgets_values": [item.text],
+                "color": "#432", "bgcolor": "#653"}
+    widgets, sockets = [], []
+    for name, kind, options in _inputs(registry, item.type):
+        if is_widget(kind):
+            value = item.widgets[name] if name in item.widgets else options.get("default")
+            if value is None:
+                raise ValueError(f"{item.type}: no value for widget {name!r}")
+            widgets.append(value)
+            widgets += ["fixed"] * bool(options.get("control_after_generate")) + ["image"] * bool(options.get("image_upload"))
+        else:
+            sockets.append({"name": name, "type": kind, "link": None})
+    unknown = set(item.widgets) - {n for n, k, _ in _inputs(registry, item.type) if is_widget(k)}
+    if unknown:
+        raise ValueError(f"{item.type} has no widget {sorted(unknown)}")
+    node = {**base, "type": item.type, "inputs": sockets, "properties": {"Node name for S&R": item.type},
+            "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
+                        for i, (n, t) in enumerate(outputs(registry, item.type))], "widgets_values": widgets}
+    if item.title:
+        node["title"] = item.title
+    return node
+
+
+def to_api(workflow: dict, registry) -> dict:
+    """The executor's prompt for a saved workflow; frontend-only nodes are dropped."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in VIRTUAL_NODES:
+            continue
+        values, inputs = list(node.get("widgets_values", [])), {}
+        sockets = {s["name"]: s for s in node.get("inputs", [])}
+        for name, kind, options in _inputs(registry, node["type"]):
+            if is_widget(kind):
+                inputs[name] = values.pop(0)
+                del values[:_extra_widget_values(options)]
+            if name in sockets and sockets[name].get("link") is not None:
+                _, source, slot, *_ = links[sockets[name]["link"]]
+                inputs[name] = [str(source), slot]
+        if values:
+            raise ValueError(f"node {node['id']} ({node['type']}) has {len(values)} widget values too many")
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def link_type_errors(workflow: dict, registry) -> list[str]:
+    """Links whose type differs from the source's output type or the target's input type."""
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    errors = []
+    for link_id, source, slot, target, target_slot, kind in workflow["links"]:
+        out_type = outputs(registry, nodes[source]["type"])[slot][1]
+        socket = nodes[target]["inputs"][target_slot]
+        in_type = dict((n, k) for n, k, _ in _inputs(registry, nodes[target]["type"]))[socket["name"]]
+        if not (out_type == kind == in_type):
+            errors.append(f"link {link_id}: {nodes[source]['type']}[{slot}] {out_type} -> "
+                          f"{nodes[target]['type']}.{socket['name']} {in_type} (says {kind})")
+    return errors
