@@ -12,15 +12,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from .losses import attention_probs
+from .prompt_tokens import find_spans
+
 LABEL_HEIGHT = 24
 MAX_COLUMNS = 4
 
 
 def head_mean_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
     """softmax(Q K^T / sqrt(d)) averaged over heads: q (B, N, D), k (B, T, D) -> (B, N, T)."""
-    split = lambda x: x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)  # (B, heads, len, d)
-    qh, kh = split(q.float()), split(k.float())
-    return torch.softmax(qh @ kh.transpose(-1, -2) / qh.shape[-1] ** 0.5, dim=-1).mean(1)
+    return attention_probs(q, k, heads).mean(1)
 
 
 def prompt_words(prompt: str) -> list[str]:
@@ -47,14 +48,8 @@ def word_positions(chunks: list[list[tuple]], word: str, ids: Sequence[int] | No
     if any(is_word_marker(t) for t in tokens):
         found = [i for i, t in enumerate(tokens) if is_word_marker(t)]
         return WordTokens(word, tuple(found), len(found))
-    found, i = [], 0
-    while ids and i + len(ids) <= len(tokens):
-        if all(isinstance(tokens[i + j], int) and tokens[i + j] == ids[j] for j in range(len(ids))):
-            found.append(tuple(range(i, i + len(ids))))
-            i += len(ids)
-        else:
-            i += 1
-    return WordTokens(word, tuple(p for span in found for p in span), len(found))
+    starts = find_spans(tokens, ids or ())
+    return WordTokens(word, tuple(s + j for s in starts for j in range(len(ids))), len(starts))
 
 
 def word_maps(layer_probs: Sequence[torch.Tensor], words: Sequence[WordTokens], height: int, width: int) -> torch.Tensor:
