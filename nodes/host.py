@@ -123,7 +123,9 @@ class SefiTokenizer:
         chunks, count = mark_triggers(out["l"], self.patterns)
         return {**out, "l": chunks} if count else out
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # only called for attributes this wrapper lacks
+        if name in ("inner", "patterns") or name.startswith("__"):  # copy/deepcopy probe before __init__ ran
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     @staticmethod

@@ -199,3 +199,28 @@ def test_non_sd1_model_is_refused_naming_what_was_found(host, tiny):
     sd2 = comfy.model_patcher.ModelPatcher(config.get_model({}), load_device="cpu", offload_device="cpu")
     with pytest.raises(ValueError, match="SeFi identities are for SD1.x.*This model is SD20 with a 1024-d"):
         probe.apply(host, sd2, clip, probe.word_identity(clip, ["cat"] * 5, ["cat"] * 5))
+
+
+def test_sd15_inpainting_model_is_accepted(host, tiny):
+    import comfy.model_patcher
+    import comfy.supported_models
+    from sefi_testkit.checkpoint import unet_config
+
+    _, clip, _ = tiny
+    config = comfy.supported_models.SD15({**unet_config("tiny"), "in_channels": 9})
+    inpaint = comfy.model_patcher.ModelPatcher(config.get_model({}), load_device="cpu", offload_device="cpu")
+    assert inpaint.model.concat_keys  # the host treats it as an inpainting model
+    patched, _ = probe.apply(host, inpaint, clip, probe.word_identity(clip, ["cat"] * 5, ["cat"] * 5))
+    assert patched.model is inpaint.model and patched is not inpaint
+
+
+def test_patched_clip_survives_copies_and_further_clones(host, tiny):
+    import copy
+
+    model, clip, _ = tiny
+    _, patched_clip = probe.apply(host, model, clip, probe.word_identity(clip, ["cat"] * 5, ["cat"] * 5))
+    tokenizer = copy.deepcopy(patched_clip.tokenizer)
+    assert tokenizer.patterns.keys() == patched_clip.tokenizer.patterns.keys()
+    again = patched_clip.clone()
+    torch.testing.assert_close(probe.stage_contexts(probe.encode(host, again, "sks"))[0, 0, 0],
+                               probe.encode(host, clip, "cat")[0][0][0], rtol=1e-4, atol=1e-4)
