@@ -224,3 +224,17 @@ def test_patched_clip_survives_copies_and_further_clones(host, tiny):
     again = patched_clip.clone()
     torch.testing.assert_close(probe.stage_contexts(probe.encode(host, again, "sks"))[0, 0, 0],
                                probe.encode(host, clip, "cat")[0][0][0], rtol=1e-4, atol=1e-4)
+
+
+def test_load_identity_reruns_when_the_file_changes(host, tiny):
+    _, clip, _ = tiny
+    path = host.identity_dir / "changing.safetensors"
+    save_identity(probe.word_identity(clip, ["cat"] * 5, ["cat"] * 5), path, overwrite=True)
+    load_node = host.node("SefiLoadIdentity")
+    first = load_node.fingerprint_inputs(identity_file="changing.safetensors")
+    assert load_node.fingerprint_inputs(identity_file="changing.safetensors") == first
+    save_identity(probe.word_identity(clip, ["dog"] * 5, ["dog"] * 5), path, overwrite=True)
+    assert load_node.fingerprint_inputs(identity_file="changing.safetensors") != first
+    with torch.inference_mode():
+        identity, trigger = load_node.execute(identity_file="changing.safetensors").result
+    assert trigger == "sks" and torch.equal(identity.k_tokens[0], probe.embedding(clip, "dog"))
