@@ -68,7 +68,8 @@ class SefiAttentionMapPreview(io.ComfyNode):
                                tooltip="Where in the denoising process to look: 0 = first (noisiest) step, 1 = last."),
                 io.Combo.Input("layers", options=list(LAYER_CHOICES), default=list(LAYER_CHOICES)[0],
                                tooltip="Which cross-attention layers to average, by their grid size."),
-                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip="Seed of the noise added to the image."),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
+                             tooltip="Seed of the noise added to the image."),
                 io.Image.Input("image", optional=True, tooltip="The image to analyse (needs the VAE), e.g. a generated one."),
                 io.Vae.Input("vae", optional=True, tooltip="Encodes the image."),
                 io.Latent.Input("latent", optional=True, tooltip="Or analyse a latent directly (image and VAE not needed)."),
@@ -83,6 +84,8 @@ class SefiAttentionMapPreview(io.ComfyNode):
     def execute(cls, model, clip, prompt, words, at_percent, layers, seed, image=None, vae=None, latent=None) -> io.NodeOutput:
         host.check_sd1_model(model)
         host.check_sd1_clip(clip)
+        if layers not in LAYER_CHOICES:
+            raise ValueError(f"layers {layers!r} is not one of {list(LAYER_CHOICES)}.")
         samples, picture = cls.inputs_to_latent(image, vae, latent)
         tokens = clip.tokenize(prompt)
         wanted = [w.strip() for w in words.split(",") if w.strip()] or prompt_words(prompt)

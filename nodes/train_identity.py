@@ -47,7 +47,8 @@ class SefiTrainIdentity(io.ComfyNode):
                 io.Float.Input("attention_weight", default=0.003, min=0.0, max=1.0, step=0.001,
                                tooltip="Lambda of the face-wise attention loss; the paper uses 0.003 "
                                        "(0.01 and 0.05 underfit). 0 turns it off."),
-                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip="Seed for steps, noise and augmentation."),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
+                             tooltip="Seed for steps, noise and augmentation."),
                 io.Int.Input("resolution", default=512, min=64, max=1024, step=64,
                              tooltip="Training resolution in pixels; SD1.x models are made for 512."),
                 io.Combo.Input("kv_pairs", options=["5", "1", "10"], default="5",
@@ -78,6 +79,9 @@ class SefiTrainIdentity(io.ComfyNode):
             raise IdentityError(f"An identity named {os.path.basename(path)!r} already exists. Choose another name, "
                                 "or switch 'overwrite' on to replace it.")
         trigger, class_word = validate_trigger(trigger), validate_trigger(class_word, "class word")
+        if attention_loss not in ATTENTION_OPTIONS or kv_pairs not in ("1", "5", "10"):
+            raise ValueError(f"kv_pairs {kv_pairs!r} / attention_loss {attention_loss!r}: choose kv_pairs 1, 5 or 10 and "
+                             f"attention_loss one of {list(ATTENTION_OPTIONS)} (an old workflow may have shifted values).")
         settings = TrainSettings(steps=steps, learning_rate=learning_rate, attention_weight=attention_weight, seed=seed,
                                  resolution=resolution, stage_count=int(kv_pairs),
                                  attention_option=ATTENTION_OPTIONS[attention_loss])

@@ -70,8 +70,8 @@ def workflows(Node, Note) -> dict[str, list]:
              "side, the paper's three kinds of prompt. Lower 'strength' (0.7-0.9) or raise 'start_percent' (0.1-0.3) "
              "if the prompt is not followed; raise strength for more likeness."),
         ckpt, load_identity(2, (0, 360), "my_identity.safetensors"),
-        apply(3, (380, 200), m, c, (2, 0)),
-        negative(4, (380, 440), (3, 1)), latent(5, (380, 580)),
+        apply(3, (380, 330), m, c, (2, 0)),
+        negative(4, (380, 560), (3, 1)), latent(5, (380, 700)),
         *[n for k, (title, text) in enumerate(prompts)
           for n in generate(Node, Note, 10 + 10 * k, 820, 200 + 380 * k, (3, 0), (3, 1), v, text, 4, (5, 0),
                             f"sefi_{title.split()[0].lower()}", title=title)],
@@ -81,8 +81,8 @@ def workflows(Node, Note) -> dict[str, list]:
         Note(100, (0, -200), "Two identities in one image\n\nTrain each person separately (paper Fig. 8), then chain "
              "two SeFi Apply Stage Tokens nodes with different triggers ('sks' and 'zwx') and name both in one prompt."),
         ckpt, load_identity(2, (0, 360), "my_identity.safetensors"), load_identity(3, (0, 480), "friend.safetensors"),
-        apply(4, (380, 200), m, c, (2, 0), trigger="sks"),
-        apply(5, (380, 420), (4, 0), (4, 1), (3, 0), trigger="zwx"),
+        apply(4, (380, 330), m, c, (2, 0), trigger="sks"),
+        apply(5, (380, 570), (4, 0), (4, 1), (3, 0), trigger="zwx"),
         negative(6, (760, 640), (5, 1)), latent(7, (760, 780)),
         *generate(Node, Note, 10, 760, 200, (5, 0), (5, 1), v, "a photo of sks and zwx having coffee together in a cafe",
                   6, (7, 0), "sefi_two"),
@@ -94,11 +94,11 @@ def workflows(Node, Note) -> dict[str, list]:
              "outside the mask; the prompt with the trigger repaints the face as that person. Works with an ordinary "
              "SD1.x checkpoint; with the SD1.5 inpainting checkpoint use InpaintModelConditioning instead."),
         ckpt, load_identity(2, (0, 360), "my_identity.safetensors"),
-        apply(3, (380, 200), m, c, (2, 0)),
+        apply(3, (380, 330), m, c, (2, 0)),
         Node(4, "LoadImage", (0, 480), {"image": "example.png"}, size=(330, 330), title="Photo (paint the face mask)"),
-        Node(5, "VAEEncodeForInpaint", (380, 480), {"grow_mask_by": 6}, {"pixels": (4, 0), "vae": v, "mask": (4, 1)},
+        Node(5, "VAEEncodeForInpaint", (380, 560), {"grow_mask_by": 6}, {"pixels": (4, 0), "vae": v, "mask": (4, 1)},
              size=(320, 100)),
-        negative(6, (380, 640), (3, 1)),
+        negative(6, (380, 710), (3, 1)),
         *generate(Node, Note, 10, 760, 200, (3, 0), (3, 1), v, "a photo of sks smiling", 6, (5, 0), "sefi_inpaint"),
     ]
 
@@ -111,8 +111,8 @@ def workflows(Node, Note) -> dict[str, list]:
              "identity. A good identity attends to the face and leaves 'cup' and 'latte' their own regions (paper Fig. 1, "
              "Fig. 6); an overfit one covers the whole picture. Use it to tune strength and start/end percent."),
         ckpt, load_identity(2, (0, 360), "my_identity.safetensors"),
-        apply(3, (380, 200), m, c, (2, 0)),
-        negative(4, (380, 440), (3, 1)), latent(5, (380, 580)),
+        apply(3, (380, 330), m, c, (2, 0)),
+        negative(4, (380, 560), (3, 1)), latent(5, (380, 700)),
         *generate(Node, Note, 20, 760, 200, (3, 0), (3, 1), v, prompt, 4, (5, 0), "sefi_preview"),
         preview(30, (760, 600), (3, 0), (3, 1), "With the identity"),
         preview(31, (1160, 600), m, c, "Without (plain model and CLIP)"),

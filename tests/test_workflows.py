@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from sefi_core.identity import Identity, save_identity
-from sefi_testkit.workflow_format import VIRTUAL_NODES, link_type_errors, to_api
+from sefi_testkit.workflow_format import VIRTUAL_NODES, combo_errors, link_type_errors, to_api
 
 WORKFLOWS = sorted((Path(__file__).resolve().parent.parent / "workflows").glob("*.json"))
 USER_FILES = {"ckpt_name": "tiny.safetensors", "image": "astronaut.png"}  # the user's own files, picked in the UI
@@ -33,6 +33,7 @@ def test_workflow_loads_against_the_host_registry(host, path):
     assert types - VIRTUAL_NODES <= set(registry), f"unknown node types {types - VIRTUAL_NODES - set(registry)}"
     assert "Note" in types, "every workflow explains its steps in Note nodes"
     assert link_type_errors(workflow, registry) == []
+    assert combo_errors(to_api(workflow, registry), registry) == []
     prompt = small(to_api(workflow, registry))
     make_identities(host)
     host.checkpoint("tiny")

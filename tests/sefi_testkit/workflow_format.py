@@ -19,9 +19,14 @@ def _inputs(registry, node_type) -> list[tuple[str, str, dict]]:
     return out
 
 
-def _extra_widget_values(options: dict) -> int:
-    """Values the frontend stores after a widget: the seed's 'control after generate', the upload button."""
-    return int(bool(options.get("control_after_generate"))) + int(bool(options.get("image_upload")))
+def _has_control_widget(name: str, kind: str, options: dict) -> bool:
+    """The frontend adds 'control after generate' to INT inputs named seed/noise_seed unless told otherwise."""
+    return bool(options.get("control_after_generate", kind == "INT" and name in ("seed", "noise_seed")))
+
+
+def _extra_widget_values(name: str, kind: str, options: dict) -> list:
+    """Values the frontend stores after a widget: 'control after generate', the upload button."""
+    return ["fixed"] * _has_control_widget(name, kind, options) + ["image"] * bool(options.get("image_upload"))
 
 
 def is_widget(kind: str) -> bool:
@@ -83,8 +88,7 @@ def _node_json(item, registry) -> dict:
             value = item.widgets[name] if name in item.widgets else options.get("default")
             if value is None:
                 raise ValueError(f"{item.type}: no value for widget {name!r}")
-            widgets.append(value)
-            widgets += ["fixed"] * bool(options.get("control_after_generate")) + ["image"] * bool(options.get("image_upload"))
+            widgets += [value, *_extra_widget_values(name, kind, options)]
         else:
             sockets.append({"name": name, "type": kind, "link": None})
     unknown = set(item.widgets) - {n for n, k, _ in _inputs(registry, item.type) if is_widget(k)}
@@ -110,7 +114,7 @@ def to_api(workflow: dict, registry) -> dict:
         for name, kind, options in _inputs(registry, node["type"]):
             if is_widget(kind):
                 inputs[name] = values.pop(0)
-                del values[:_extra_widget_values(options)]
+                del values[:len(_extra_widget_values(name, kind, options))]
             if name in sockets and sockets[name].get("link") is not None:
                 _, source, slot, *_ = links[sockets[name]["link"]]
                 inputs[name] = [str(source), slot]
@@ -118,6 +122,21 @@ def to_api(workflow: dict, registry) -> dict:
             raise ValueError(f"node {node['id']} ({node['type']}) has {len(values)} widget values too many")
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
+
+
+def combo_errors(prompt: dict, registry, user_files=("ckpt_name", "image", "identity_file")) -> list[str]:
+    """Combo values not among their options (the user's own file lists excepted): the server does not check
+    these for every node schema, so a shifted widget value can slip through validation."""
+    errors = []
+    for node_id, node in prompt.items():
+        for name, kind, options in _inputs(registry, node["class_type"]):
+            spec = registry[node["class_type"]].INPUT_TYPES()
+            raw = {**spec.get("required", {}), **spec.get("optional", {})}[name][0]
+            choices = raw if isinstance(raw, list) else options.get("options")
+            value = node["inputs"].get(name)
+            if kind == "COMBO" and name not in user_files and choices and not isinstance(value, list) and value not in choices:
+                errors.append(f"node {node_id} {node['class_type']}.{name} = {value!r} not in {choices}")
+    return errors
 
 
 def link_type_errors(workflow: dict, registry) -> list[str]:
