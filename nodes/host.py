@@ -191,11 +191,14 @@ class StageContextCond(comfy.conds.CONDRegular):
         self.contexts, self.cuts = contexts, tuple(cuts)
         self.length = contexts.shape[3] if contexts is not None else length
         self.cond = contexts if contexts is not None else torch.zeros(1, 1)  # for the host's generic code
+        self._on_device = {}  # process_cond runs every step: copy to the sampling device once
 
     def process_cond(self, batch_size, device=None, **kwargs):
         if self.contexts is None:
             return _Rows(RowContexts(batch_size, self.length))
-        contexts = self.contexts.to(device) if device is not None else self.contexts
+        if device is not None and device not in self._on_device:
+            self._on_device[device] = self.contexts.to(device)
+        contexts = self._on_device.get(device, self.contexts)
         repeats = -(-batch_size // contexts.shape[0])
         return _Rows(RowContexts(batch_size, self.length, contexts.repeat(repeats, 1, 1, 1, 1)[:batch_size], self.cuts))
 
