@@ -28,7 +28,9 @@ def test_cat_identity_samples_like_the_word_cat_through_the_executor(host, tiny)
         assert result.success, result.error
         latents.append(probe.saved_latent(host, result))
     assert latents[0].abs().sum() > 0
-    torch.testing.assert_close(latents[0], latents[1], rtol=1e-4, atol=1e-4)
+    # The identity's prompt is encoded in a batch of 11 and the plain one alone: CPU kernels block them differently
+    # (contexts agree to ~3e-6), and three sampling steps through random weights amplify that to ~7e-4 at most.
+    torch.testing.assert_close(latents[0], latents[1], rtol=1e-3, atol=2e-3)
 
 
 def test_keys_and_values_match_an_independent_attention_computation(host, tiny):
