@@ -11,8 +11,13 @@ class TokenMapper(nn.Module):
 
     Each of the 2S outputs starts as the class embedding plus a learned slot embedding; the output
     projection starts at zero, so training begins exactly at the class word (our choice, not the paper's).
-    The residual is scaled to the class embedding's per-dimension size, so Adam's step (lr 0.005) moves
-    tokens in word-embedding units rather than by whole embeddings.
+
+    Scale: Adam moves every weight by about lr per step, all of a row the same way at first, so an output
+    of a C-wide linear layer over normalised features moves by about lr * 0.8 * C per step. The residual is
+    scaled by |class embedding| / C, so a token moves by at most ~0.8 * lr * |class embedding| per dimension
+    per step (about a tenth of its size at the paper's lr 0.005), like Textual Inversion's embeddings.
+    Unscaled, tokens grew to 10^4 times a word embedding's size within 300 steps and the text encoder
+    could no longer put them in context.
     """
 
     def __init__(self, class_embedding: torch.Tensor, stage_count: int = 5, heads: int = 8):
@@ -25,10 +30,11 @@ class TokenMapper(nn.Module):
         self.attn_norms = nn.ModuleList(nn.LayerNorm(channels) for _ in range(2))
         self.ff_norm = nn.LayerNorm(channels)
         self.ff = nn.Sequential(nn.Linear(channels, 4 * channels), nn.GELU(), nn.Linear(4 * channels, channels))
+        self.out_norm = nn.LayerNorm(channels)
         self.out = nn.Linear(channels, channels)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-        self.scale = float(self.class_embedding.norm() / channels ** 0.5)
+        self.scale = float(self.class_embedding.norm() / channels)
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         cls = self.class_embedding
@@ -37,5 +43,5 @@ class TokenMapper(nn.Module):
             x = norm(h)
             h = h + attn(x, x, x, need_weights=False)[0]
         h = h + self.ff(self.ff_norm(h))
-        tokens = cls + self.scale * self.out(h[0])  # (2S, C)
+        tokens = cls + self.scale * self.out(self.out_norm(h[0]))  # (2S, C)
         return tokens[: self.stage_count], tokens[self.stage_count:]
