@@ -18,6 +18,9 @@ FORMAT_NAME = "sefi-identity"
 FORMAT_VERSION = 1
 TOKEN_DIM = 768  # CLIP-L word embeddings (SD1.x)
 STAGE_COUNTS = (1, 5, 10)  # the paper's 5 stages, and its 1- and 10-pair ablations (Fig. 7)
+# A CLIP-L word embedding has a size (L2 norm) of about 0.1-1. Tokens 20x beyond it come from a run that
+# diverged; they give NaN or garbage images, so training stops there and loading refuses them.
+MAX_TOKEN_NORM = 20.0
 FILE_SUFFIX = ".safetensors"
 
 _FORBIDDEN_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
@@ -83,11 +86,19 @@ class Identity:
             raise IdentityError(f"Identity tokens have shapes K {tuple(k.shape)} and V {tuple(v.shape)}; "
                                 f"both must be (stages, {TOKEN_DIM}) with stages in {STAGE_COUNTS} "
                                 "(SD1.x CLIP-L word embeddings).")
+        if not (k.is_floating_point() and v.is_floating_point()):
+            raise IdentityError(f"Identity tokens have dtype {k.dtype}/{v.dtype}; they must be floating point.")
+        k, v = (t.detach().to("cpu", torch.float32).contiguous() for t in (k, v))  # float64 may overflow here
         if not (torch.isfinite(k).all() and torch.isfinite(v).all()):
-            raise IdentityError("Identity tokens contain NaN or infinite values; retrain it "
-                                "(a lower learning rate usually helps).")
-        object.__setattr__(self, "k_tokens", k.detach().to("cpu", torch.float32).contiguous())
-        object.__setattr__(self, "v_tokens", v.detach().to("cpu", torch.float32).contiguous())
+            raise IdentityError("Identity tokens contain NaN or infinite values (or numbers too large for float32); "
+                                "retrain it (a lower learning rate usually helps).")
+        size = float(torch.cat([k, v]).norm(dim=-1).max())
+        if size > MAX_TOKEN_NORM:
+            raise IdentityError(f"Identity tokens have a size (L2 norm) of up to {size:.3g}; a word embedding's is about "
+                                f"0.1-1 and {MAX_TOKEN_NORM:g} is the limit. The training that made it diverged: "
+                                "retrain it with a lower learning rate.")
+        object.__setattr__(self, "k_tokens", k)
+        object.__setattr__(self, "v_tokens", v)
         object.__setattr__(self, "trigger", validate_trigger(self.trigger))
         object.__setattr__(self, "class_word", validate_trigger(self.class_word, "class word"))
         bounds = tuple(float(b) for b in self.boundaries) or even_boundaries(k.shape[0])

@@ -14,9 +14,13 @@ from typing import Callable
 
 import torch
 
+from .identity import MAX_TOKEN_NORM
 from .losses import ATTENTION_OPTIONS
 from .mapper import TokenMapper
 from .stages import NUM_TRAIN_TIMESTEPS, even_boundaries, stage_of_timestep
+
+LOSS_READBACK_STEPS = 25  # steps between reading the loss back from the device (each read waits for it)
+INITIAL_LOSS_SCALE = 2.0 ** 16  # fp16 only; the GradScaler adapts it
 
 PROMPT_TEMPLATES = (  # paper §6.4; {} is the trigger (V*)
     "a photo of a face of {}",
@@ -73,6 +77,7 @@ class TrainResult:
 
 EncodeKV = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 Denoise = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+OnStep = Callable[[int, list[float]], None]
 
 
 def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -81,36 +86,103 @@ def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
     return err.sum() / (mask.sum() * prediction.shape[1]).clamp(min=1)
 
 
+@dataclass(frozen=True)
+class Batch:
+    """One step's draw: an augmented view, a timestep, a prompt template and the noise."""
+
+    latent: torch.Tensor  # (1, 4, h, w)
+    mask: torch.Tensor  # (1, 1, h, w): where the subject is
+    t: int
+    template: int
+    noise: torch.Tensor
+
+
+def draw_batch(samples: list[tuple[torch.Tensor, torch.Tensor]], generator: torch.Generator) -> Batch:
+    latent, mask = samples[int(torch.randint(len(samples), (), generator=generator))]
+    t = int(torch.randint(NUM_TRAIN_TIMESTEPS, (), generator=generator))
+    template = int(torch.randint(len(PROMPT_TEMPLATES), (), generator=generator))
+    noise = torch.randn(latent.shape, generator=generator).to(latent)
+    return Batch(latent, mask, t, template, noise)
+
+
+def loss_terms(mapper: TokenMapper, batch: Batch, encode_kv: EncodeKV, denoise: Denoise,
+               boundaries: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_KV, L_attn) of one batch, both fp32 scalars: the denoising loss where the subject is, with keys from
+    the stage's K token and values from its V token, and the face-wise attention loss."""
+    stage = stage_of_timestep(batch.t, boundaries)
+    k_tokens, v_tokens = mapper()
+    k_context, v_context = encode_kv(batch.template, k_tokens[stage], v_tokens[stage])
+    eps, attn_loss = denoise(batch.latent, batch.noise, batch.t, k_context, v_context, batch.template)
+    return masked_mse(eps, batch.noise, batch.mask), attn_loss.float()
+
+
+def loss_scaler(device: torch.device | str, compute_dtype: torch.dtype) -> torch.amp.GradScaler:
+    """Dynamic loss scaling where the UNet computes in fp16: the gradients of L_KV, and more so of
+    lambda * L_attn, are small enough to underflow in fp16 on their way back through the UNet. bf16 has fp32's
+    range and needs none; where it is disabled the scaler is a no-op."""
+    return torch.amp.GradScaler(torch.device(device).type, init_scale=INITIAL_LOSS_SCALE,
+                                enabled=compute_dtype == torch.float16)
+
+
+def make_optimizer(mapper: TokenMapper, learning_rate: float) -> torch.optim.Adam:
+    """Adam, fused where torch has a fused kernel: one launch per step, and with a GradScaler it skips
+    overflowed steps on the device instead of reading a flag back every step."""
+    device = next(mapper.parameters()).device
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.Adam(mapper.parameters(), lr=learning_rate, fused=fused)
+
+
+def largest_token_norm(mapper: TokenMapper) -> float:
+    with torch.no_grad():
+        k_tokens, v_tokens = mapper()
+        return float(torch.cat([k_tokens, v_tokens]).norm(dim=-1).max())
+
+
+def check_progress(losses: list[float], first_step: int, mapper: TokenMapper, settings: TrainSettings) -> None:
+    """Stops a run that diverged: a non-finite loss, or tokens grown far beyond any word embedding (they
+    would give NaN or garbage images long before the loss shows it)."""
+    advice = (f"Lower the learning rate (now {settings.learning_rate:g}), e.g. to {settings.learning_rate / 5:g}; "
+              "nothing was saved.")
+    for i, value in enumerate(losses):
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"The loss became {value} at step {first_step + i + 1}. {advice}")
+    norm = largest_token_norm(mapper)
+    if not norm <= MAX_TOKEN_NORM:
+        raise TrainingDiverged(f"The identity's tokens grew to a size of {norm:.3g} by step {first_step + len(losses)} "
+                               f"(a word embedding's is about 0.1-1; the limit is {MAX_TOKEN_NORM:g}). {advice}")
+
+
 def train_tokens(settings: TrainSettings, class_embedding: torch.Tensor, samples: list[tuple[torch.Tensor, torch.Tensor]],
-                 encode_kv: EncodeKV, denoise: Denoise, on_step: Callable[[int, float], None] = lambda s, l: None,
-                 device: torch.device | str = "cpu") -> TrainResult:
+                 encode_kv: EncodeKV, denoise: Denoise, on_step: OnStep = lambda step, losses: None,
+                 device: torch.device | str = "cpu", compute_dtype: torch.dtype = torch.float32,
+                 readback_every: int = LOSS_READBACK_STEPS) -> TrainResult:
     """samples: (latent (1, 4, h, w), mask (1, 1, h, w)) augmented views of the image(s).
     encode_kv(template_index, k_token, v_token) -> (k_context, v_context), differentiable in the tokens.
-    denoise(latent, noise, t, k_context, v_context, template_index) -> (eps_prediction, attention_loss)."""
+    denoise(latent, noise, t, k_context, v_context, template_index) -> (eps_prediction, attention_loss).
+    compute_dtype: the dtype the UNet computes in (fp16 turns loss scaling on).
+    on_step(step, losses) runs after every step; `losses` grows every `readback_every` steps, because reading
+    the loss back from the GPU every step would make the CPU wait for it."""
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)  # the mapper's initial slots
     mapper = TokenMapper(class_embedding, settings.stage_count).to(device)
-    optimizer = torch.optim.Adam(mapper.parameters(), lr=settings.learning_rate)
+    optimizer = make_optimizer(mapper, settings.learning_rate)
+    scaler = loss_scaler(device, compute_dtype)
     boundaries = even_boundaries(settings.stage_count)
-    losses = []
+    pending, losses = [], []
     for step in range(settings.steps):
-        latent, mask = samples[int(torch.randint(len(samples), (), generator=generator))]
-        t = int(torch.randint(NUM_TRAIN_TIMESTEPS, (), generator=generator))
-        template = int(torch.randint(len(PROMPT_TEMPLATES), (), generator=generator))
-        noise = torch.randn(latent.shape, generator=generator).to(latent)
-        stage = stage_of_timestep(t, boundaries)
-        k_tokens, v_tokens = mapper()
-        k_context, v_context = encode_kv(template, k_tokens[stage], v_tokens[stage])
-        eps, attn_loss = denoise(latent, noise, t, k_context, v_context, template)
-        loss = masked_mse(eps, noise, mask) + settings.attention_weight * attn_loss
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"The loss became {loss.item()} at step {step + 1}. Lower the learning rate "
-                                   f"(now {settings.learning_rate}), e.g. to {settings.learning_rate / 5:g}; nothing was saved.")
+        l_kv, l_attn = loss_terms(mapper, draw_batch(samples, generator), encode_kv, denoise, boundaries)
+        loss = l_kv + settings.attention_weight * l_attn
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        on_step(step, losses[-1])
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        pending.append(loss.detach())
+        if len(pending) == readback_every or step + 1 == settings.steps:
+            new = torch.stack(pending).tolist()  # the one host synchronisation every `readback_every` steps
+            check_progress(new, len(losses), mapper, settings)
+            losses += new
+            pending = []
+        on_step(step, losses)
     with torch.no_grad():
         k_tokens, v_tokens = mapper()
     return TrainResult(k_tokens.detach().cpu(), v_tokens.detach().cpu(), losses)

@@ -12,7 +12,7 @@ from sefi_core.identity import (FORMAT_VERSION, Identity, IdentityError, load_id
 
 def make_identity(stages=5, seed=0, **kw):
     g = torch.Generator().manual_seed(seed)
-    return Identity(k_tokens=torch.randn(stages, 768, generator=g), v_tokens=torch.randn(stages, 768, generator=g),
+    return Identity(k_tokens=torch.randn(stages, 768, generator=g) * 0.03, v_tokens=torch.randn(stages, 768, generator=g) * 0.03,
                     trigger=kw.pop("trigger", "sks"), **kw)
 
 

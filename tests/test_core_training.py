@@ -107,7 +107,7 @@ def test_loop_is_deterministic_and_lowers_the_loss():
 
 def test_non_finite_loss_stops_with_advice():
     samples, encode_kv, _ = _fake_host()
-    nan = lambda *args: (torch.full((1, 4, 4, 4), float("nan")), torch.zeros(()))
+    nan = lambda latent, noise, t, k, v, index: (noise + k.sum() * float("nan"), torch.zeros(()))
     with pytest.raises(TrainingDiverged, match="Lower the learning rate"):
         train_tokens(TrainSettings(steps=3, resolution=64), torch.zeros(768), samples, encode_kv, nan)
 
@@ -126,3 +126,53 @@ def test_loss_curve_image():
     image = loss_curve_image([3.0 - 0.01 * i for i in range(200)])
     assert image.shape == (256, 512, 3) and image.dtype.name == "float32"
     assert (image < 0.9).any(axis=2).sum() > 500  # something was drawn
+
+
+def test_one_adam_step_moves_a_token_by_at_most_lr_times_its_size_per_dimension():
+    """The mapper's residual is scaled so that Adam's first step (every weight by exactly lr) moves each output
+    dimension by at most ~0.8 * lr * |class embedding| (independent bound: lr * sum|LayerNorm(h)| / C <= lr)."""
+    cls = torch.randn(768, generator=torch.Generator().manual_seed(2)) * 0.03
+    mapper = TokenMapper(cls, 5)
+    optimizer = torch.optim.Adam(mapper.parameters(), lr=0.005)
+    k, v = mapper()
+    (k.sum() - v.pow(2).sum()).backward()
+    optimizer.step()
+    with torch.no_grad():
+        k, v = mapper()
+    moved = (torch.cat([k, v]) - cls).abs().max()
+    assert 0 < moved <= 0.005 * cls.norm() * 1.01
+
+
+def _pushing_host():
+    """A fake host whose loss keeps falling as the tokens grow: Adam pushes them without limit."""
+    samples = [(torch.zeros(1, 4, 4, 4), torch.ones(1, 1, 4, 4))]
+
+    def encode_kv(index, k, v):
+        return k.view(1, 1, -1), v.view(1, 1, -1)
+
+    def denoise(latent, noise, t, k_ctx, v_ctx, index):
+        return noise + 1 / (1 + k_ctx.norm() + v_ctx.norm()), torch.zeros(())
+
+    return samples, encode_kv, denoise
+
+
+def test_tokens_that_blow_up_stop_the_run_with_advice():
+    samples, encode_kv, denoise = _pushing_host()
+    cls = torch.randn(768, generator=torch.Generator().manual_seed(1)) * 0.036
+    with pytest.raises(TrainingDiverged, match=r"tokens grew to a size of .* Lower the learning rate \(now 0.1\), "
+                                               r"e.g. to 0.02; nothing was saved"):
+        train_tokens(TrainSettings(steps=400, learning_rate=0.1, resolution=64), cls, samples, encode_kv, denoise)
+
+
+def test_losses_are_read_back_every_n_steps_not_every_step():
+    samples, encode_kv, denoise = _fake_host()
+    seen = []
+    train_tokens(TrainSettings(steps=12, resolution=64), torch.zeros(768) + 0.02, samples, encode_kv, denoise,
+                 on_step=lambda step, losses: seen.append(len(losses)), readback_every=5)
+    assert seen == [0, 0, 0, 0, 5, 5, 5, 5, 5, 10, 10, 12]
+
+
+def test_loss_scaling_only_for_fp16():
+    from sefi_core.train import INITIAL_LOSS_SCALE, loss_scaler
+    assert loss_scaler("cpu", torch.float16).is_enabled() and loss_scaler("cpu", torch.float16).get_scale() == INITIAL_LOSS_SCALE
+    assert not loss_scaler("cpu", torch.bfloat16).is_enabled() and not loss_scaler("cpu", torch.float32).is_enabled()
