@@ -17,6 +17,7 @@ from .training import HostTrainer, frozen
 
 log = logging.getLogger(__name__)
 AUGMENTED_VIEWS = 32  # augmented copies VAE-encoded once up front, then drawn at random each step
+CHECKPOINTING_MODES = ("auto", "on", "off")
 
 
 class SefiTrainIdentity(io.ComfyNode):
@@ -59,6 +60,10 @@ class SefiTrainIdentity(io.ComfyNode):
                                        "only the trigger's (#1) or the prompt's tokens (#2)."),
                 io.Boolean.Input("overwrite", default=False,
                                  tooltip="Replace an identity file of the same name. Off: an existing name is an error."),
+                io.Combo.Input("gradient_checkpointing", options=list(CHECKPOINTING_MODES), default="auto", optional=True,
+                               tooltip="Saves GPU memory by recomputing activations during the backward pass, at "
+                                       "about a third more time per step. auto: off, and switched on by itself if the "
+                                       "GPU runs out of memory. on: for cards with 8 GB or less. off: fastest."),
             ],
             outputs=[
                 host.SefiIdentity.Output(display_name="identity", tooltip="The trained identity, for SeFi Apply Stage Tokens."),
@@ -68,7 +73,7 @@ class SefiTrainIdentity(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, image, name, trigger, class_word, steps, learning_rate, attention_weight,
-                seed, resolution, kv_pairs, attention_loss, overwrite) -> io.NodeOutput:
+                seed, resolution, kv_pairs, attention_loss, overwrite, gradient_checkpointing="auto") -> io.NodeOutput:
         host.check_sd1_model(model)
         host.check_sd1_clip(clip)
         if model.model.concat_keys:
@@ -79,13 +84,16 @@ class SefiTrainIdentity(io.ComfyNode):
             raise IdentityError(f"An identity named {os.path.basename(path)!r} already exists. Choose another name, "
                                 "or switch 'overwrite' on to replace it.")
         trigger, class_word = validate_trigger(trigger), validate_trigger(class_word, "class word")
-        if attention_loss not in ATTENTION_OPTIONS or kv_pairs not in ("1", "5", "10"):
-            raise ValueError(f"kv_pairs {kv_pairs!r} / attention_loss {attention_loss!r}: choose kv_pairs 1, 5 or 10 and "
-                             f"attention_loss one of {list(ATTENTION_OPTIONS)} (an old workflow may have shifted values).")
+        if attention_loss not in ATTENTION_OPTIONS or kv_pairs not in ("1", "5", "10") \
+                or gradient_checkpointing not in CHECKPOINTING_MODES:
+            raise ValueError(f"kv_pairs {kv_pairs!r} / attention_loss {attention_loss!r} / gradient_checkpointing "
+                             f"{gradient_checkpointing!r}: choose kv_pairs 1, 5 or 10, attention_loss one of "
+                             f"{list(ATTENTION_OPTIONS)} and gradient_checkpointing one of {list(CHECKPOINTING_MODES)} "
+                             "(an old workflow may have shifted values).")
         settings = TrainSettings(steps=steps, learning_rate=learning_rate, attention_weight=attention_weight, seed=seed,
                                  resolution=resolution, stage_count=int(kv_pairs),
                                  attention_option=ATTENTION_OPTIONS[attention_loss])
-        result = cls.train(model, clip, vae, image, trigger, class_word, settings)
+        result = cls.train(model, clip, vae, image, trigger, class_word, settings, gradient_checkpointing)
         identity = Identity(result.k_tokens, result.v_tokens, trigger, class_word,
                             base_model=host.model_fingerprint(clip), training=settings.as_metadata())
         save_identity(identity, path, overwrite=overwrite)
@@ -94,16 +102,16 @@ class SefiTrainIdentity(io.ComfyNode):
         return io.NodeOutput(identity, curve)
 
     @staticmethod
-    def train(model, clip, vae, image, trigger, class_word, settings):
+    def train(model, clip, vae, image, trigger, class_word, settings, checkpointing="auto"):
         progress = comfy.utils.ProgressBar(settings.steps)
 
-        def on_step(step, loss):
+        def on_step(step, losses):
             progress.update_absolute(step + 1, settings.steps)
-            if (step + 1) % 100 == 0:
-                log.info("SeFi training step %d/%d loss %.4f", step + 1, settings.steps, loss)
+            if (step + 1) % 100 == 0 and losses:
+                log.info("SeFi training step %d/%d loss %.4f", step + 1, settings.steps, losses[-1])
             comfy.model_management.throw_exception_if_processing_interrupted()
 
-        trainer = HostTrainer(model, clip, trigger, class_word, settings.attention_option)
+        trainer = HostTrainer(model, clip, trigger, class_word, settings.attention_option, checkpointing == "on")
         # frozen() outside: the executor's inference mode is the only place the flags may be set back.
         with frozen(model.model, clip.cond_stage_model), torch.inference_mode(False), torch.enable_grad():
             try:
@@ -113,7 +121,27 @@ class SefiTrainIdentity(io.ComfyNode):
                                                    min(AUGMENTED_VIEWS, settings.steps), generator)
                 trainer.find_loss_layers(samples[0][0])
                 class_embedding = host.word_embedding(clip, class_word)
-                return train_tokens(settings, class_embedding, samples, trainer.encode_kv, trainer.denoise,
-                                    on_step, device=trainer.device)
+                while True:
+                    try:
+                        return train_tokens(settings, class_embedding, samples, trainer.encode_kv, trainer.denoise,
+                                            on_step, device=trainer.device, compute_dtype=trainer.dtype)
+                    except comfy.model_management.OOM_EXCEPTION:
+                        if checkpointing != "auto" or trainer.checkpointing.enabled:
+                            raise OutOfMemory(settings.resolution, trainer.checkpointing.enabled) from None
+                    # Out of memory in 'auto': start again with checkpointing, outside the except block so that
+                    # the failed step's tensors can be freed first.
+                    log.warning("SeFi: out of GPU memory at %d px; starting again with gradient checkpointing.",
+                                settings.resolution)
+                    trainer.checkpointing.enabled = True
+                    comfy.model_management.soft_empty_cache()
             finally:
                 trainer.release()
+
+
+class OutOfMemory(RuntimeError):
+    def __init__(self, resolution: int, checkpointing: bool):
+        advice = "close other programs using the GPU" if checkpointing else \
+            "set 'gradient_checkpointing' to 'on' (or 'auto')"
+        super().__init__(f"SeFi Train Identity ran out of GPU memory at {resolution} px with gradient checkpointing "
+                         f"{'on' if checkpointing else 'off'}. Lower 'resolution' (e.g. {max(256, resolution - 128)}) or "
+                         f"{advice}. Nothing was saved; the loaded model is unchanged.")

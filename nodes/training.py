@@ -4,14 +4,24 @@ Host traps handled here (see shared notes §4): weights loaded under the executo
 so every weight gets an identity weight wrapper on a clone (a fresh copy per forward that autograd can
 save); CLIPLayer adds in place, so the clone's CLIP layers get an out-of-place forward; parameters are
 shared with the host, so their requires_grad flags are switched off for the run and restored after.
+
+Precision: the UNet computes in whatever dtype the host loaded it for (fp16/bf16 on GPUs, no cast to
+fp32); the K/V contexts are cast to it on the way in. The face-wise attention loss is computed in fp32
+from fp32 contexts, outside the UNet (its gradient is ~1e-3 of L_KV's and would vanish in fp16), and
+fp16 runs get loss scaling (sefi_core.train.loss_scaler).
 """
 from __future__ import annotations
 
 import contextlib
 
 import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
 
+import comfy.ldm.modules.attention
+import comfy.ldm.modules.diffusionmodules.openaimodel
 import comfy.model_management
+import comfy.patcher_extension
 
 from ..sefi_core.augment import as_rgb, augment, center_square
 from ..sefi_core.losses import attention_loss, token_mask
@@ -56,10 +66,49 @@ def frozen(*modules):
             p.requires_grad_(flag)
 
 
+def compute_dtype(model) -> torch.dtype:
+    """The dtype the host runs this UNet in: its manual-cast dtype, else its weights' dtype."""
+    return model.model.manual_cast_dtype or model.model.get_dtype()
+
+
+class GradientCheckpointing:
+    """DIFFUSION_MODEL wrapper: while `enabled`, each ResBlock and SpatialTransformer of the UNet call keeps
+    only its inputs and recomputes its activations (and the per-forward weight copies) in backward
+    (non-reentrant torch.utils.checkpoint). About a third more compute for a fraction of the memory."""
+
+    BLOCKS = (comfy.ldm.modules.diffusionmodules.openaimodel.ResBlock, comfy.ldm.modules.attention.SpatialTransformer)
+
+    def __init__(self, enabled: bool = False):
+        self.enabled = enabled
+
+    def __call__(self, executor, *args, **kwargs):
+        if not (self.enabled and torch.is_grad_enabled()):
+            return executor(*args, **kwargs)
+        blocks = [m for m in executor.class_obj.modules() if isinstance(m, self.BLOCKS)]
+        saved = [m.__dict__.get("forward") for m in blocks]
+        for m in blocks:
+            m.forward = _checkpointed(m.forward)
+        try:
+            return executor(*args, **kwargs)
+        finally:  # the recompute in backward uses the forward captured above
+            for m, forward in zip(blocks, saved):
+                if forward is None:
+                    del m.forward
+                else:
+                    m.forward = forward
+
+
+def _checkpointed(forward):
+    def run(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return run
+
+
 class HostTrainer:
     """The host-specific callables `sefi_core.train.train_tokens` needs, built on clones of the inputs."""
 
-    def __init__(self, model, clip, trigger: str, class_word: str, attention_option: str):
+    def __init__(self, model, clip, trigger: str, class_word: str, attention_option: str,
+                 gradient_checkpointing: bool = False):
         self.model, self.clip = model.clone(), clip.clone()
         _wrap_weights(self.model, self.model.model)
         _wrap_weights(self.clip.patcher, self.clip.cond_stage_model)
@@ -73,17 +122,24 @@ class HostTrainer:
         self.sampling = self.model.get_model_object("model_sampling")
         self._prompts, self._references, self._masks = {}, {}, {}
         self.loss_layers: list = []
+        self._loss_weights: dict = {}  # loss layer -> fp32 (to_q, to_k) weights
+        self.checkpointing = GradientCheckpointing(gradient_checkpointing)
 
     def load(self) -> None:
         comfy.model_management.load_models_gpu([self.model, self.clip.patcher], force_full_load=True)
         self.device = self.model.load_device
+        self.dtype = compute_dtype(self.model)
 
     def release(self) -> None:
-        """Unload the training clones so their wrappers and object patches leave the shared modules."""
+        """Unload the training clones so their wrappers and object patches leave the shared modules, and give
+        what training held back to the host's memory management."""
         loaded = comfy.model_management.current_loaded_models
         for i in reversed(range(len(loaded))):
             if loaded[i].model in (self.model, self.clip.patcher):
                 loaded.pop(i).model_unload()
+        self._references.clear()
+        self._loss_weights.clear()
+        comfy.model_management.soft_empty_cache()
 
     # -- data ------------------------------------------------------------------------------------
 
@@ -150,25 +206,44 @@ class HostTrainer:
             self._apply(latent, torch.zeros_like(latent), 500, context, context)
         best = min(abs(n - target) for n in sizes.values())
         self.loss_layers = [m for m, n in sizes.items() if abs(n - target) == best]
+        self._loss_weights = {m: (_fp32_weight(m.to_q), _fp32_weight(m.to_k)) for m in self.loss_layers}
 
     def _apply(self, latent, noise, t, k_context, v_context):
         sigma = self.sampling.sigma(torch.tensor([float(t)], device=self.device))
         x = self.sampling.noise_scaling(sigma, noise, latent)
-        options = {"patches": {"attn2_patch": [StageKVInjector()]}, OPTIONS_KEY: (k_context, v_context, None)}
+        k_context, v_context = k_context.to(self.dtype), v_context.to(self.dtype)  # SDPA wants one dtype
+        options = {"patches": {"attn2_patch": [StageKVInjector()]}, OPTIONS_KEY: (k_context, v_context, None),
+                   "wrappers": {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {"sefi_train": [self.checkpointing]}}}
         denoised = self.model.model.apply_model(x, sigma, c_crossattn=k_context, transformer_options=options)
         return (x - denoised.float()) / sigma.view(-1, 1, 1, 1)
 
     def denoise(self, latent, noise, t, k_context, v_context, index):
-        reference, mask, losses = self.reference(index), self._token_mask(index), []
+        """(eps prediction, face-wise attention loss). The loss layers' inputs are recorded during the forward and
+        the loss is computed afterwards in fp32: queries from those inputs (no gradient: the loss constrains the
+        K path, paper Algorithm 1), keys from the fp32 K context and from the reference prompt."""
+        inputs = []
 
-        def attention_hook(module, args, kwargs):
-            x, context = args[0], kwargs["context"]
-            q = module.to_q(x)
-            losses.append(attention_loss(q, module.to_k(context), module.to_k(reference.to(context)), module.heads, mask))
+        def record_input(module, args, kwargs):
+            inputs.append((module, args[0].detach()))
 
-        with _hooks(self.loss_layers, attention_hook):
+        with _hooks(self.loss_layers, record_input):
             eps = self._apply(latent, noise, t, k_context, v_context)
+        reference, mask = self.reference(index), self._token_mask(index)
+        losses = []
+        for module, x in inputs:
+            w_q, w_k = self._loss_weights[module]
+            q = F.linear(x.float(), w_q)
+            k_target, k_reference = F.linear(k_context.float(), w_k), F.linear(reference.float(), w_k)
+            losses.append(attention_loss(q, k_target, k_reference, module.heads, mask))
         return eps, torch.stack(losses).mean() if losses else torch.zeros((), device=eps.device)
+
+
+def _fp32_weight(linear) -> torch.Tensor:
+    """A layer's weight as fp32 (from fp16, bf16 or fp8 storage), with any host weight function applied."""
+    weight = linear.weight.float()
+    for function in getattr(linear, "weight_function", []):
+        weight = function(weight)
+    return weight.detach().clone()
 
 
 @contextlib.contextmanager

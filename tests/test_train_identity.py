@@ -132,3 +132,94 @@ def load_identity_bytes(data, folder):
 def test_zero_steps_is_rejected_by_validation(host):
     result = host.run(train_graph("zero", steps=0))
     assert not result.success and result.node_errors
+
+
+def execute_training(host, model, clip, vae, name, **extra):
+    image = host.nodes.LoadImage().load_image("astronaut.png")[0]
+    inputs = dict(model=model, clip=clip, vae=vae, image=image, name=name, trigger="sks", class_word="person", steps=3,
+                  learning_rate=0.005, attention_weight=0.003, seed=0, resolution=64, kv_pairs="5",
+                  attention_loss="all tokens (#3, paper)", overwrite=True, gradient_checkpointing="auto")
+    inputs.update(extra)
+    with torch.inference_mode():
+        return host.node("SefiTrainIdentity").execute(**inputs)
+
+
+def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_gradients(host):
+    model, clip, vae = host.load_checkpoint("tiny.safetensors")
+    training = trainer_module(host)
+    train = sys.modules[host.pack.__name__ + ".sefi_core.train"]
+    mapper_module = sys.modules[host.pack.__name__ + ".sefi_core.mapper"]
+    trainer = training.HostTrainer(model, clip, "sks", "person", "all")
+    # The last ResBlock: it comes after cross-attention, so its activations depend on the tokens.
+    res_block = [m for m in model.model.diffusion_model.modules() if isinstance(m, training.GradientCheckpointing.BLOCKS[0])][-1]
+    calls = []
+    handle = res_block.in_layers[2].register_forward_hook(lambda *args: calls.append(1))  # a conv inside the block
+    gradients = []
+    try:
+        with torch.inference_mode(), training.frozen(model.model, clip.cond_stage_model), torch.inference_mode(False):
+            trainer.load()
+            image = host.nodes.LoadImage().load_image("astronaut.png")[0]
+            latent, mask = trainer.training_samples(image, vae, 64, 1, torch.Generator().manual_seed(0))[0]
+            trainer.find_loss_layers(latent)
+            batch = train.Batch(latent, mask, 400, 0, torch.randn(latent.shape, generator=torch.Generator().manual_seed(1)))
+            for enabled in (False, True):
+                trainer.checkpointing.enabled = enabled
+                torch.manual_seed(3)
+                mapper = mapper_module.TokenMapper(probe.embedding(clip, "person"), 5)
+                torch.nn.init.normal_(mapper.out.weight, std=1.0)
+                calls.clear()
+                l_kv, l_attn = train.loss_terms(mapper, batch, trainer.encode_kv, trainer.denoise, train.even_boundaries(5))
+                (l_kv + 0.003 * l_attn).backward()
+                gradients.append(torch.cat([p.grad.flatten() for p in mapper.parameters()]))
+                assert len(calls) == (2 if enabled else 1)  # forward, and with checkpointing its recompute in backward
+            trainer.release()
+    finally:
+        handle.remove()
+    assert "forward" not in res_block.__dict__  # the checkpointing forward is gone after the call
+    torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-5, atol=1e-9)
+
+
+def oom_unless_checkpointing(monkeypatch, host):
+    """Emulates a GPU without room for training without gradient checkpointing (the host's OOM exception)."""
+    training = trainer_module(host)
+    original = training.HostTrainer._apply
+
+    def apply(self, *args):
+        if torch.is_grad_enabled() and not self.checkpointing.enabled:  # activations kept for backward do not fit
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, *args)
+
+    monkeypatch.setattr(training.HostTrainer, "_apply", apply)
+
+
+def test_out_of_memory_in_auto_retries_with_gradient_checkpointing(host, monkeypatch, caplog):
+    model, clip, vae = host.load_checkpoint("tiny.safetensors")
+    oom_unless_checkpointing(monkeypatch, host)
+    execute_training(host, model, clip, vae, "oom_auto", gradient_checkpointing="auto")
+    assert load_identity(host.identity_dir / "oom_auto.safetensors").stage_count == 5
+    assert "starting again with gradient checkpointing" in caplog.text
+
+
+def test_out_of_memory_without_checkpointing_says_what_to_change_and_saves_nothing(host, monkeypatch):
+    model, clip, vae = host.load_checkpoint("tiny.safetensors")
+    flags = [p.requires_grad for p in model.model.parameters()]
+    oom_unless_checkpointing(monkeypatch, host)
+    with pytest.raises(RuntimeError, match=r"ran out of GPU memory at 64 px with gradient checkpointing off\. Lower "
+                                           r"'resolution' \(e\.g\. 256\) or set 'gradient_checkpointing' to 'on' \(or "
+                                           r"'auto'\)\. Nothing was saved; the loaded model is unchanged\."):
+        execute_training(host, model, clip, vae, "oom_off", gradient_checkpointing="off")
+    assert not list(host.identity_dir.glob("oom_off*")) and not list(host.identity_dir.glob(".sefi-*"))
+    assert [p.requires_grad for p in model.model.parameters()] == flags
+    assert all(p.grad is None for p in model.model.parameters())
+
+
+def test_training_gives_back_what_it_loaded(host):
+    model, clip, vae = host.load_checkpoint("tiny.safetensors")
+    mm = host.model_management
+    execute_training(host, model, clip, vae, "released", gradient_checkpointing="on")
+    loaded = [m.model for m in mm.current_loaded_models if m.model is not None]
+    assert all(not patcher.is_clone(model) or patcher is model for patcher in loaded), "a training clone of the UNet is still loaded"
+    assert all(not patcher.is_clone(clip.patcher) or patcher is clip.patcher for patcher in loaded), "a training CLIP is still loaded"
+    layers = clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers
+    assert all(getattr(layer.forward, "__func__", None) is type(layer).forward for layer in layers)
+    assert not any("forward" in m.__dict__ for m in model.model.diffusion_model.modules())

@@ -1,0 +1,73 @@
+"""The dtypes and attention ComfyUI picks on an NVIDIA GPU, set up on the CPU through the host's own flags and
+functions, so the suite runs the pack the way artists run it.
+
+On a GPU the host loads SD1.x in fp16 (bf16 with --bf16-unet) and computes in that dtype, with no cast to fp32,
+and attends with PyTorch SDPA. On a CPU its policy functions `should_use_fp16` / `should_use_bf16` answer False
+for the CPU device, so every half-precision UNet gets manual-cast to fp32. `emulate(setup)` makes them answer as
+on an Ampere-or-newer card, sets the host's own command-line flags for the weight and text-encoder dtypes, and
+selects one of the host's own attention functions (the UNet looks `optimized_attention` up at call time).
+Everything is put back afterwards.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class DtypeSetup:
+    name: str
+    compute: torch.dtype  # what the UNet must compute in under this set-up
+    flags: dict = field(default_factory=dict)  # comfy.cli_args.args fields (the host's command-line flags)
+    attention: str = "sub_quad"  # comfy.ldm.modules.attention.attention_<name>
+    gpu_policy: bool = True  # should_use_fp16/bf16 answer as on an Ampere-or-newer NVIDIA card
+
+    def __str__(self):
+        return self.name
+
+
+CPU_FP32 = DtypeSetup("fp32-cpu-default", torch.float32, gpu_policy=False)
+FP16_SDPA = DtypeSetup("fp16-sdpa", torch.float16, {"fp16_text_enc": True}, "pytorch")
+BF16_SDPA = DtypeSetup("bf16-sdpa", torch.bfloat16, {"bf16_unet": True, "bf16_text_enc": True}, "pytorch")
+FP8_MANUAL_CAST = DtypeSetup("fp8-weights-cast-to-fp16-sdpa", torch.float16, {"fp8_e4m3fn_unet": True}, "pytorch")
+FP8_AS_FP32 = DtypeSetup("fp8-weights-cast-to-fp32", torch.float32, {"fp8_e4m3fn_unet": True}, gpu_policy=False)
+FP16_SPLIT = DtypeSetup("fp16-split-attention", torch.float16, {}, "split")
+FP16_SUB_QUAD = DtypeSetup("fp16-sub-quadratic-attention", torch.float16, {}, "sub_quad")
+
+HALF_SETUPS = (FP16_SDPA, BF16_SDPA, FP8_MANUAL_CAST, FP16_SPLIT, FP16_SUB_QUAD)
+ALL_SETUPS = (CPU_FP32, *HALF_SETUPS)
+
+
+def _on_ampere(device=None, model_params=0, prioritize_performance=True, manual_cast=False):
+    """What should_use_fp16 / should_use_bf16 answer on an NVIDIA card of compute capability 8.0 or more."""
+    return not sys.modules["comfy.model_management"].FORCE_FP32
+
+
+@contextlib.contextmanager
+def emulate(setup: DtypeSetup):
+    """Checkpoints loaded inside get the set-up's dtypes; the UNet attends with its attention function."""
+    import comfy.cli_args
+    import comfy.ldm.modules.attention as attention
+    import comfy.model_management as mm
+
+    args = comfy.cli_args.args
+    saved_flags = {name: getattr(args, name) for name in setup.flags}
+    saved_policy = (mm.should_use_fp16, mm.should_use_bf16)
+    saved_attention = (attention.optimized_attention, attention.optimized_attention_masked)
+    try:
+        for name, value in setup.flags.items():
+            setattr(args, name, value)
+        if setup.gpu_policy:
+            mm.should_use_fp16 = mm.should_use_bf16 = _on_ampere
+        attention.optimized_attention = attention.optimized_attention_masked = \
+            getattr(attention, f"attention_{setup.attention}")
+        yield setup
+    finally:
+        for name, value in saved_flags.items():
+            setattr(args, name, value)
+        mm.should_use_fp16, mm.should_use_bf16 = saved_policy
+        attention.optimized_attention, attention.optimized_attention_masked = saved_attention
+        mm.unload_all_models()  # nothing loaded under the set-up outlives it
