@@ -1,16 +1,23 @@
-"""Benchmark: one step of SeFi Train Identity's own loop over a plain UNet forward+backward to the input at
-the same resolution on the same model, in one run, with a breakdown and peak memory.
+"""Benchmark: SeFi Train Identity's own training step against a plain UNet forward+backward at the same resolution on
+the same model, for fp32 and the half-precision set-ups the host uses on GPUs, with and without gradient
+checkpointing; plus the time for 1000 steps and peak memory. Every set-up runs in its own process, so its peak
+memory is its own.
 
-    COMFYUI_PATH=/path/to/ComfyUI python bench/bench_train.py [--resolution 512] [--steps 3]
+    COMFYUI_PATH=/path/to/ComfyUI python bench/bench_train.py [--resolution 512] [--steps 3] [--full-run 1000]
 
-Builds an SD1.5-size random-weight checkpoint (nothing is downloaded) and trains through the real host.
-Goal: ratio <= 1.10. Absolute times only mean something on the machine printed with them.
+Builds an SD1.5-size random-weight checkpoint (nothing is downloaded) and trains through the real host. On a CPU
+the GPU set-ups are emulated through the host's own flags (tests/sefi_testkit/gpu_emulation.py); on CUDA they are
+the host's real choices. Goals: step ratio <= 1.10; on an H100, 1000 steps in <= 40 s and <= 4 GiB peak at 512 px.
+Absolute times only mean something on the machine printed with them.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import resource
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,120 +27,158 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+SETUPS = ("fp32", "fp16", "bf16")
+
+
+def synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def clock(fn, repeats):
     times = []
     for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize()
         start = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def dtype_setup(name: str):
+    from sefi_testkit import gpu_emulation as gpu
+
+    cuda = torch.cuda.is_available()
+    return {"fp32": gpu.DtypeSetup("fp32-sdpa", torch.float32, {"fp32_unet": True}, "pytorch") if cuda else gpu.CPU_FP32,
+            "fp16": gpu.FP16_SDPA, "bf16": gpu.BF16_SDPA}[name]
+
+
+def measure(args) -> dict:
+    """One set-up in this process: step times, the plain baseline, 1000-step time and peak memory."""
+    import conftest  # noqa: F401  (registers sefi_core, keeps the repo root off sys.path)
+    from sefi_testkit import gpu_emulation as gpu
+    from sefi_testkit.comfy_env import find_comfyui
+    from sefi_testkit.host import Host
+
+    host = Host(find_comfyui(), ROOT, args.work_dir, data_dir=ROOT / "tests" / "data")
+    pack = host.pack.__name__
+    training = sys.modules[pack + ".nodes.training"]
+    train = sys.modules[pack + ".sefi_core.train"]
+    host_mod = sys.modules[pack + ".nodes.host"]
+    setup = dtype_setup(args.setup)
+    checkpoint = host.checkpoint(args.preset)
+    with gpu.emulate(setup):
+        model, clip, vae = host.load_checkpoint(checkpoint)
+        image = host.nodes.LoadImage().load_image("astronaut.png")[0]
+        trainer = training.HostTrainer(model, clip, "sks", "person", "all", gradient_checkpointing=args.checkpointing)
+        with torch.inference_mode(), training.frozen(model.model, clip.cond_stage_model), \
+                torch.inference_mode(False), torch.enable_grad():
+            trainer.load()
+            samples = trainer.training_samples(image, vae, args.resolution, 2, torch.Generator().manual_seed(0))
+            trainer.find_loss_layers(samples[0][0])
+            cls = host_mod.word_embedding(clip, "person")
+            latent = samples[0][0]
+            noise = torch.randn_like(latent)
+            for index in range(len(train.PROMPT_TEMPLATES)):
+                trainer.reference(index)
+
+            def run(steps):
+                return train.train_tokens(train.TrainSettings(steps=steps, resolution=args.resolution), cls, samples,
+                                          trainer.encode_kv, trainer.denoise, device=trainer.device,
+                                          compute_dtype=trainer.dtype)
+
+            def plain_unet():  # forward+backward to the input, nothing else
+                x = latent.clone().requires_grad_(True)
+                context = trainer.reference(0)
+                trainer._apply(x, noise, 500, context, context).float().pow(2).mean().backward()
+
+            def forward_only():
+                with torch.no_grad():
+                    trainer._apply(latent, noise, 500, trainer.reference(0), trainer.reference(0))
+
+            def forward_without_weight_copies():
+                with torch.no_grad():
+                    context = trainer.reference(0).to(trainer.dtype)
+                    sigma = trainer.sampling.sigma(torch.tensor([500.0], device=trainer.device))
+                    model.model.apply_model(trainer.sampling.noise_scaling(sigma, noise, latent), sigma, c_crossattn=context)
+
+            run(1), plain_unet()  # warm-up
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            synchronize()
+            start = time.perf_counter()
+            run(args.steps)
+            synchronize()
+            step = (time.perf_counter() - start) / args.steps
+            peak_gpu = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
+            plain = clock(plain_unet, args.steps)
+            forward, bare_forward = clock(forward_only, args.steps), clock(forward_without_weight_copies, args.steps)
+            full = None
+            if args.full_run:
+                synchronize()
+                start = time.perf_counter()
+                run(args.full_run)
+                synchronize()
+                full = time.perf_counter() - start
+            trainer.release()
+    device = trainer.device
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else \
+        f"CPU ({torch.get_num_threads()} threads)"
+    return {"setup": setup.name, "checkpointing": args.checkpointing, "device": name, "step_s": step, "plain_s": plain,
+            "weight_copies_s": forward - bare_forward, "full_run": args.full_run, "full_s": full, "peak_gpu_gib": peak_gpu,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+
+
+def report(r: dict, resolution: int) -> str:
+    thousand = f"{r['full_s']:.0f} s measured" if r["full_s"] is not None and r["full_run"] == 1000 else \
+        f"{r['step_s'] * 1000:.0f} s (from the step time)"
+    memory = f"peak GPU {r['peak_gpu_gib']:.2f} GiB" if r["peak_gpu_gib"] is not None else \
+        f"peak RSS {r['peak_rss_gib']:.2f} GiB"
+    return (f"{r['setup']:30s} ckpt {'on ' if r['checkpointing'] else 'off'}  step {r['step_s'] * 1000:9.1f} ms  "
+            f"plain fwd+bwd {r['plain_s'] * 1000:9.1f} ms  ratio {r['step_s'] / r['plain_s']:.3f}  "
+            f"weight copies {100 * r['weight_copies_s'] / r['step_s']:4.1f}% of a step  "
+            f"1000 steps {thousand}  {memory}  [{resolution} px, {r['device']}]")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=3, help="timed repeats of each measurement")
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps and repeats of each baseline")
     parser.add_argument("--preset", default="sd15_size")
+    parser.add_argument("--setups", default=",".join(SETUPS), help=f"comma-separated, from {SETUPS}")
+    parser.add_argument("--checkpointing", default="both", choices=("both", "on", "off"))
     parser.add_argument("--full-run", type=int, default=0, help="also time a whole training run of this many steps")
+    parser.add_argument("--setup", help=argparse.SUPPRESS)  # child process: measure one set-up
+    parser.add_argument("--work-dir", help=argparse.SUPPRESS)  # shared by the children: the checkpoint is built once
     args = parser.parse_args()
 
-    import conftest  # noqa: F401  (registers sefi_core, keeps the repo root off sys.path)
+    if args.setup:
+        args.checkpointing = args.checkpointing == "on"
+        print("RESULT " + json.dumps(measure(args)))
+        return
     from sefi_testkit.comfy_env import find_comfyui
-    from sefi_testkit.host import Host
-
-    comfy_path = find_comfyui()
-    if comfy_path is None:
+    if find_comfyui() is None:
         sys.exit("Set COMFYUI_PATH to a ComfyUI checkout (see README).")
-    host = Host(comfy_path, ROOT, tempfile.mkdtemp(prefix="sefi-bench-"), data_dir=ROOT / "tests" / "data")
-    pack = host.pack.__name__
-    training = sys.modules[pack + ".nodes.training"]
-    train_mod = sys.modules[pack + ".sefi_core.train"]
-    mapper_mod = sys.modules[pack + ".sefi_core.mapper"]
-    host_mod = sys.modules[pack + ".nodes.host"]
+    modes = ("off", "on") if args.checkpointing == "both" else (args.checkpointing,)
+    work_dir = tempfile.mkdtemp(prefix="sefi-bench-")
+    try:
+        run_children(args, modes, work_dir)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
 
-    model, clip, vae = host.load_checkpoint(host.checkpoint(args.preset))
-    image = host.nodes.LoadImage().load_image("astronaut.png")[0]
-    settings = train_mod.TrainSettings(steps=args.steps, resolution=args.resolution)
-    trainer = training.HostTrainer(model, clip, "sks", "person", "all")
-    with torch.inference_mode(), training.frozen(model.model, clip.cond_stage_model), \
-            torch.inference_mode(False), torch.enable_grad():
-        trainer.load()
-        samples = trainer.training_samples(image, vae, args.resolution, 2, torch.Generator().manual_seed(0))
-        trainer.find_loss_layers(samples[0][0])
-        cls = host_mod.word_embedding(clip, "person").to(trainer.device)
-        latent, mask = samples[0]
-        noise = torch.randn_like(latent)
-        for index in range(len(train_mod.PROMPT_TEMPLATES)):
-            trainer.reference(index)
-        loss_layers = trainer.loss_layers
 
-        def sefi_step():
-            train_mod.train_tokens(train_mod.TrainSettings(steps=1, resolution=args.resolution), cls, samples,
-                                   trainer.encode_kv, trainer.denoise, device=trainer.device)
-
-        def plain_unet():  # forward+backward to the input, nothing else
-            x = latent.clone().requires_grad_(True)
-            context = trainer.reference(0)
-            eps = trainer._apply(x, noise, 500, context, context)
-            eps.float().pow(2).mean().backward()
-
-        def unet_with_kv():
-            k = trainer.reference(0).clone().requires_grad_(True)
-            trainer.loss_layers = []
-            eps, _ = trainer.denoise(latent, noise, 500, k, k, 0)
-            eps.float().pow(2).mean().backward()
-
-        def unet_with_kv_and_attention_loss():
-            k = trainer.reference(0).clone().requires_grad_(True)
-            trainer.loss_layers = loss_layers
-            eps, attn = trainer.denoise(latent, noise, 500, k, k, 0)
-            (eps.float().pow(2).mean() + 0.003 * attn).backward()
-
-        def clip_encodes():
-            token = cls.clone().requires_grad_(True)
-            k, v = trainer.encode_kv(0, token, token)
-            (k.float().sum() + v.float().sum()).backward()
-
-        def mapper_and_optimizer():
-            mapper = mapper_mod.TokenMapper(cls, 5).to(trainer.device)
-            optimizer = torch.optim.Adam(mapper.parameters(), lr=0.005)
-            k, v = mapper()
-            (k.sum() + v.sum()).backward()
-            optimizer.step()
-
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        sefi_step(), plain_unet()  # warm-up
-        timings = {name: clock(fn, args.steps) for name, fn in [
-            ("SeFi training step", sefi_step), ("plain UNet fwd+bwd", plain_unet), ("UNet with K/V", unet_with_kv),
-            ("UNet with K/V + attention loss", unet_with_kv_and_attention_loss), ("CLIP encodes (2) fwd+bwd", clip_encodes),
-            ("mapper + Adam", mapper_and_optimizer)]}
-        full = None
-        if args.full_run:
-            start = time.perf_counter()
-            train_mod.train_tokens(train_mod.TrainSettings(steps=args.full_run, resolution=args.resolution), cls,
-                                   samples, trainer.encode_kv, trainer.denoise, device=trainer.device)
-            full = time.perf_counter() - start
-        trainer.release()
-
-    device = trainer.device
-    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {name}; preset {args.preset}; {args.resolution} px; medians of {args.steps}")
-    for label, seconds in timings.items():
-        print(f"  {label:34s} {seconds * 1000:10.1f} ms")
-    ratio = timings["SeFi training step"] / timings["plain UNet fwd+bwd"]
-    print(f"ratio SeFi step / plain UNet fwd+bwd: {ratio:.3f}  (goal <= 1.10)")
-    if torch.cuda.is_available():
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-    print(f"peak process memory (RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
-    if full is not None:
-        print(f"full run: {args.full_run} steps in {full:.1f} s")
+def run_children(args, modes, work_dir):
+    for setup in args.setups.split(","):
+        for mode in modes:
+            child = [sys.executable, __file__, "--setup", setup, "--checkpointing", mode, "--resolution",
+                     str(args.resolution), "--steps", str(args.steps), "--preset", args.preset, "--full-run", str(args.full_run), "--work-dir", work_dir]
+            out = subprocess.run(child, capture_output=True, text=True)
+            line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{setup} ckpt {mode}: failed\n{out.stderr[-3000:]}")
+                continue
+            print(report(json.loads(line[7:]), args.resolution), flush=True)
 
 
 if __name__ == "__main__":
