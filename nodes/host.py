@@ -6,11 +6,13 @@ How a prompt with a trigger flows (see README "How it works"):
 1. `SefiTokenizer` (set on a CLIP clone) replaces each trigger's tokens by one marker entry. The marker
    is a host embedding entry holding the class word's embedding, so a host without SeFi reads "person".
 2. `SefiEncode` (an object patch on the text encoder) sees markers and encodes, in one batch, the base
-   prompt plus, per segment of the denoising process, the K prompt and the V prompt. The base becomes
-   the conditioning; the stage contexts ride along as a model cond (`StageContextCond`).
-3. On the MODEL clone, a CALC_COND_BATCH wrapper gives conds without an identity a neutral entry (so
-   positive and negative still batch into one UNet call), a DIFFUSION_MODEL wrapper picks each row's
-   K/V context from its timestep, and `StageKVInjector`, first among attn2 patches, swaps them in.
+   prompt plus, per segment of the denoising process, the K prompt and the V prompt. The conditioning
+   tensor is the base, as an `IdentityContext` carrying the stage contexts: conditioning nodes transform
+   them along with it (sefi_core/identity_context.py).
+3. On the MODEL clone, a CALC_COND_BATCH wrapper takes the stage contexts out of each conditioning into a
+   model cond (`StageContextCond`), giving conds without an identity a neutral one (so positive and
+   negative still batch into one UNet call); a DIFFUSION_MODEL wrapper picks each row's K/V context from
+   its timestep, and `StageKVInjector`, first among attn2 patches, swaps them in.
 """
 from __future__ import annotations
 
@@ -25,13 +27,14 @@ import comfy.patcher_extension
 import folder_paths
 from comfy_api.latest import io
 
+from ..sefi_core.identity_context import IdentityContext
 from ..sefi_core.kv_inject import RowContexts, StageContextBatch, concat_rows, inject_kv, select_kv
-from ..sefi_core.prompt_tokens import IdentitySlot, mark_triggers, plan_variants
+from ..sefi_core.prompt_tokens import IdentitySlot, identity_slots, mark_triggers, plan_variants
 
 log = logging.getLogger(__name__)
 
 IDENTITY_FOLDER = "sefi_identities"
-COND_KEY = "sefi_stage_contexts"  # model cond / apply_model kwarg carrying StageContextCond
+COND_KEY = "sefi_stage_contexts"  # model cond / apply_model kwarg carrying StageContextCond (set while sampling)
 OPTIONS_KEY = "sefi_stage_kv"  # transformer_options entry: this UNet call's (k_ctx, v_ctx, rows)
 WRAPPER_KEY = "sefi_ide"
 MARKER_KEY = "sefi_identity"  # key in the host embedding entry that marks a trigger slot
@@ -163,11 +166,14 @@ class SefiEncode:
         out = self.original({**token_weight_pairs, "l": batch})
         cond, pooled = out[:2]  # cond (1, (1 + 2G) * L, C): base, then per segment its K and V prompts
         length = cond.shape[1] // (1 + 2 * segments)
-        contexts = cond[:, length:].reshape(1, segments, 2, length, cond.shape[2])
+        variants = cond[:, length:].reshape(1, segments, 2, length, cond.shape[2]).permute(1, 2, 0, 3, 4)  # (G, 2, 1, L, C)
         extra = {k: (v[:, :length] if torch.is_tensor(v) and v.ndim >= 2 and v.shape[1] == cond.shape[1] else v)
                  for k, v in (out[2] if len(out) > 2 else {}).items()}
-        model_conds = {**extra.get("model_conds", {}), COND_KEY: StageContextCond(contexts, plan.segments.cuts)}
-        return cond[:, :length], pooled, {**extra, "model_conds": model_conds}
+        triggers = [slot.trigger for slot in identity_slots(chunks, slot_of)]
+        cuts = plan.segments.cuts
+        if pooled is not None:
+            pooled = IdentityContext.pooled_output(pooled, cuts, triggers)
+        return IdentityContext(cond[:, :length], variants, cuts, triggers), pooled, *([extra] if extra else [])
 
 
 def patch_clip(clip, ids: tuple[int, ...], slot: IdentitySlot):
@@ -231,23 +237,41 @@ class _Rows(comfy.conds.CONDRegular):
         return list(self.cond.shape)
 
 
-def _with_neutral_entry(cond: dict) -> dict:
+def _stage_cond(context: IdentityContext) -> StageContextCond:
+    """The model cond of a conditioning's identity; made once per conditioning tensor (it caches device copies)."""
+    cond = getattr(context, "_sefi_stage_cond", None)
+    if cond is None:
+        cond = StageContextCond(context.stage_contexts(), context.cuts)
+        context._sefi_stage_cond = cond
+    return cond
+
+
+def _with_stage_entry(cond: dict) -> dict:
+    """The cond with its identity (if its cross-attention tensor carries one) as a model cond, and a plain
+    cross-attention tensor; or with a neutral entry, so that it still batches with conds that have one."""
     model_conds = cond.get("model_conds", {})
-    if COND_KEY in model_conds:
-        return cond
-    crossattn = model_conds.get("c_crossattn")
-    length = crossattn.cond.shape[1] if crossattn is not None else 77
-    return {**cond, "model_conds": {**model_conds, COND_KEY: StageContextCond(None, (), length)}}
+    context = getattr(model_conds.get("c_crossattn"), "cond", None)
+    if isinstance(context, IdentityContext):
+        entries = {COND_KEY: _stage_cond(context)}
+    else:
+        length = context.shape[1] if context is not None else 77
+        entries = {COND_KEY: StageContextCond(None, (), length)}
+    # Other consumers (a ControlNet's own context, crossattn_controlnet) see the class word.
+    plain = {key: entry._copy_with(entry.cond.plain()) for key, entry in model_conds.items()
+             if isinstance(getattr(entry, "cond", None), IdentityContext)}
+    return {**cond, "model_conds": {**model_conds, **plain, **entries}}
 
 
 def _has_identity(conds) -> bool:
-    return any(COND_KEY in c.get("model_conds", {}) for group in conds if group for c in group)
+    return any(isinstance(getattr(entry, "cond", None), IdentityContext)
+               for group in conds if group for c in group for entry in c.get("model_conds", {}).values())
 
 
 def batch_with_neutral_entries(executor, model, conds, x_in, timestep, model_options):
-    """CALC_COND_BATCH wrapper: conds need identical keys to share a UNet call."""
+    """CALC_COND_BATCH wrapper: each identity moves from its conditioning tensor into a model cond; conds
+    without one get a neutral entry (conds need identical keys to share a UNet call)."""
     if _has_identity(conds):
-        conds = [None if group is None else [_with_neutral_entry(c) for c in group] for group in conds]
+        conds = [None if group is None else [_with_stage_entry(c) for c in group] for group in conds]
     return executor(model, conds, x_in, timestep, model_options)
 
 

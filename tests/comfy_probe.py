@@ -40,7 +40,8 @@ def encode(host, clip, text):
 
 
 def stage_contexts(conditioning) -> torch.Tensor:
-    return conditioning[0][1]["model_conds"]["sefi_stage_contexts"].contexts
+    """(B, G, 2, L, C): the K and V contexts per segment that a SeFi conditioning tensor carries."""
+    return conditioning[0][0].stage_contexts()
 
 
 def sample(host, model, positive, negative, steps=3, cfg=7.0, seed=0, size=64) -> torch.Tensor:

@@ -87,6 +87,21 @@ def write_checkpoint(path: str | Path, preset: str = "tiny", seed: int = 0,
     return path
 
 
+def controlnet(preset: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float16):
+    """A ControlNet for `preset`'s UNet with random weights, loaded by the host's own ControlNet loader."""
+    _ensure_comfy()
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+
+    config = {k: v for k, v in unet_config(preset).items() if k not in ("out_channels", "transformer_depth_output")}
+    with torch.device("meta"):
+        net = comfy.cldm.cldm.ControlNet(hint_channels=3, device="meta", operations=comfy.ops.disable_weight_init, **config)
+    generator = torch.Generator().manual_seed(seed)
+    state = {name: _random_tensor(name, t.shape, generator, dtype) for name, t in net.state_dict().items()}
+    return comfy.controlnet.load_controlnet_state_dict(state)
+
+
 def meta_shapes(preset: str) -> dict[str, torch.Size]:
     """Checkpoint key -> shape for the UNet, CLIP text model and TAESD of `preset`."""
     _ensure_comfy()
