@@ -52,7 +52,7 @@ class SefiApplyStageTokens(io.ComfyNode):
         if not 0.0 <= start_percent < end_percent <= 1.0:
             raise ValueError(f"start_percent {start_percent} must be below end_percent {end_percent} (both 0-1); "
                              "otherwise the identity never acts.")
-        trigger = validate_trigger(trigger) if trigger.strip() else identity.trigger
+        trigger = validate_trigger(trigger, identity.class_word) if trigger.strip() else identity.trigger
         if identity.base_model and identity.base_model != host.model_fingerprint(clip):
             log.info("SeFi: identity %r was trained on another SD1.x text encoder; it usually transfers, "
                      "retrain on this model if likeness suffers.", identity.trigger)

@@ -8,7 +8,8 @@ import comfy.model_management
 import comfy.utils
 from comfy_api.latest import io
 
-from ..sefi_core.identity import Identity, IdentityError, save_identity, validate_identity_name, validate_trigger
+from ..sefi_core.identity import (Identity, IdentityError, save_identity, validate_class_word, validate_identity_name,
+                                 validate_trigger)
 from ..sefi_core.losses import ATTENTION_OPTIONS
 from ..sefi_core.plot import loss_curve_image
 from ..sefi_core.train import TrainSettings, train_tokens
@@ -18,9 +19,47 @@ from .training import HostTrainer, frozen
 log = logging.getLogger(__name__)
 AUGMENTED_VIEWS = 32  # augmented copies VAE-encoded once up front, then drawn at random each step
 CHECKPOINTING_MODES = ("auto", "on", "off")
+MIN_IMAGE_SIDE = 64  # pixels; below this there is no face to learn
+MAX_ASPECT = 4.0  # the centre square of a thinner image holds little of it
+
+
+def check_image(image: torch.Tensor) -> None:
+    """The photo must be a real picture: finite pixels, big enough to learn from."""
+    if image.ndim != 4 or image.shape[0] == 0:
+        raise ValueError(f"The image has shape {tuple(image.shape)}; connect a Load Image node (one photo, or a batch).")
+    if not torch.isfinite(image).all():
+        raise ValueError("The image has NaN or infinite pixel values, so there is nothing to learn from. Check the node "
+                         "that made it (a decode or an upscale gone wrong?) or load the photo directly with Load Image.")
+    height, width = image.shape[1:3]
+    if min(height, width) < MIN_IMAGE_SIDE:
+        raise ValueError(f"The image is {width}x{height} pixels; SeFi Train Identity needs at least {MIN_IMAGE_SIDE} "
+                         "on the short side (512 or more is best). Use a larger photo of the subject.")
+    if max(height, width) / min(height, width) > MAX_ASPECT:
+        log.warning("SeFi: the image is %dx%d; training uses its centre square, which holds little of so thin a "
+                    "picture. Crop the photo around the subject for a better identity.", width, height)
+
+
+class WrittenFiles:
+    """The identity files this session's training wrote. The executor re-runs a node whose fingerprint changed, so a
+    cached training whose file was deleted since gets a new fingerprint, and trains and saves again."""
+
+    def __init__(self):
+        self.written: set[str] = set()
+        self.generation: dict[str, int] = {}
+
+    def fingerprint(self, path: str) -> str:
+        if path in self.written and not os.path.exists(path):
+            self.written.discard(path)
+            self.generation[path] = self.generation.get(path, 0) + 1
+        return f"{path}#{self.generation.get(path, 0)}"
+
+    def wrote(self, path: str) -> None:
+        self.written.add(path)
 
 
 class SefiTrainIdentity(io.ComfyNode):
+    written_files = WrittenFiles()
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -38,9 +77,13 @@ class SefiTrainIdentity(io.ComfyNode):
                                                 "is used in turn). Any size; it is centre-cropped to a square."),
                 io.String.Input("name", default="my_identity",
                                 tooltip="File name in models/sefi_identities (letters, digits, - and _)."),
-                io.String.Input("trigger", default="sks", tooltip="The word your prompts will use, e.g. 'sks'."),
+                io.String.Input("trigger", default="sks",
+                                tooltip="The word your prompts will use: a rare word such as 'sks' or 'ohwx', not the "
+                                        "class word."),
                 io.String.Input("class_word", default="person",
-                                tooltip="What the subject is: 'person' for faces; 'dog', 'cat', 'bear'... otherwise."),
+                                tooltip="What the subject is: 'person' for faces; 'dog', 'cat', 'golden retriever', "
+                                        "'teddy bear'... otherwise. Training starts from it, and prompts read the "
+                                        "trigger as it where the identity is off."),
                 io.Int.Input("steps", default=1000, min=1, max=20000,
                              tooltip="Optimisation steps; the paper uses about 1000."),
                 io.Float.Input("learning_rate", default=0.005, min=0.00001, max=0.1, step=0.0005,
@@ -72,6 +115,13 @@ class SefiTrainIdentity(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, name, **kwargs):
+        try:
+            return cls.written_files.fingerprint(os.path.join(host.identity_save_dir(), validate_identity_name(name)))
+        except IdentityError:
+            return name  # execute() reports the bad name
+
+    @classmethod
     def execute(cls, model, clip, vae, image, name, trigger, class_word, steps, learning_rate, attention_weight,
                 seed, resolution, kv_pairs, attention_loss, overwrite, gradient_checkpointing="auto") -> io.NodeOutput:
         host.check_sd1_model(model)
@@ -83,7 +133,9 @@ class SefiTrainIdentity(io.ComfyNode):
         if os.path.exists(path) and not overwrite:
             raise IdentityError(f"An identity named {os.path.basename(path)!r} already exists. Choose another name, "
                                 "or switch 'overwrite' on to replace it.")
-        trigger, class_word = validate_trigger(trigger), validate_trigger(class_word, "class word")
+        class_word = validate_class_word(class_word)
+        trigger = validate_trigger(trigger, class_word)
+        check_image(image)
         if attention_loss not in ATTENTION_OPTIONS or kv_pairs not in ("1", "5", "10") \
                 or gradient_checkpointing not in CHECKPOINTING_MODES:
             raise ValueError(f"kv_pairs {kv_pairs!r} / attention_loss {attention_loss!r} / gradient_checkpointing "
@@ -97,6 +149,7 @@ class SefiTrainIdentity(io.ComfyNode):
         identity = Identity(result.k_tokens, result.v_tokens, trigger, class_word,
                             base_model=host.model_fingerprint(clip), training=settings.as_metadata())
         save_identity(identity, path, overwrite=overwrite)
+        cls.written_files.wrote(path)
         log.info("SeFi: saved identity %s (final loss %.4f)", path, result.losses[-1])
         curve = torch.from_numpy(loss_curve_image(result.losses)).unsqueeze(0)
         return io.NodeOutput(identity, curve)
@@ -120,10 +173,9 @@ class SefiTrainIdentity(io.ComfyNode):
                 samples = trainer.training_samples(image, vae, settings.resolution,
                                                    min(AUGMENTED_VIEWS, settings.steps), generator)
                 trainer.find_loss_layers(samples[0][0])
-                class_embedding = host.word_embedding(clip, class_word)
                 while True:
                     try:
-                        return train_tokens(settings, class_embedding, samples, trainer.encode_kv, trainer.denoise,
+                        return train_tokens(settings, trainer.class_embedding, samples, trainer.encode_kv, trainer.denoise,
                                             on_step, device=trainer.device, compute_dtype=trainer.dtype)
                     except comfy.model_management.OOM_EXCEPTION:
                         if checkpointing != "auto" or trainer.checkpointing.enabled:

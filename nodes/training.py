@@ -27,7 +27,7 @@ from ..sefi_core.augment import as_rgb, augment, center_square
 from ..sefi_core.losses import attention_loss, token_mask
 from ..sefi_core.prompt_tokens import mark_triggers
 from ..sefi_core.train import PROMPT_TEMPLATES
-from .host import OPTIONS_KEY, StageKVInjector, word_token_ids
+from .host import OPTIONS_KEY, StageKVInjector, word_embedding, word_token_ids
 
 _SLOT = object()  # marks the trigger's slot while building training prompts
 
@@ -118,7 +118,8 @@ class HostTrainer:
                                                _out_of_place(layer))
         self.tokenizer = getattr(clip.tokenizer, "inner", clip.tokenizer)  # a SeFi CLIP's plain tokenizer
         self.trigger_ids = word_token_ids(clip, trigger)
-        self.class_word, self.trigger, self.attention_option = class_word, trigger, attention_option
+        self.trigger, self.attention_option = trigger, attention_option
+        self.class_embedding = word_embedding(clip, class_word)
         self.sampling = self.model.get_model_object("model_sampling")
         self._prompts, self._references, self._masks = {}, {}, {}
         self.loss_layers: list = []
@@ -174,11 +175,12 @@ class HostTrainer:
         return cond[:, :length].to(self.device), cond[:, length:].to(self.device)
 
     def reference(self, index: int) -> torch.Tensor:
-        """The reference prompt: the template with the class word in the trigger's place (no gradient)."""
+        """The reference prompt: the template with the class word in the trigger's slot (its embedding, as Apply's
+        class-word prompt has it, so that token positions match even for a class word of several tokens)."""
         if index not in self._references:
             with torch.no_grad():
-                text = PROMPT_TEMPLATES[index].format(self.class_word)
-                self._references[index] = self.clip.encode_from_tokens(self.tokenizer.tokenize_with_weights(text)).to(self.device)
+                tokens = {"l": self._with_token(index, self.class_embedding)}
+                self._references[index] = self.clip.encode_from_tokens(tokens).to(self.device)
         return self._references[index]
 
     def _token_mask(self, index: int):

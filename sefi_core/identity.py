@@ -3,6 +3,7 @@ space, and its `.safetensors` file format (versioned metadata, validated on load
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -26,24 +27,47 @@ FILE_SUFFIX = ".safetensors"
 _FORBIDDEN_NAME_CHARS = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 _PROMPT_SYNTAX = set("()[]{}:\\,|<>")
+MAX_CLASS_WORD_LENGTH = 40
 
 
 class IdentityError(ValueError):
     """Bad identity data, file or name; the message says what is wrong and how to fix it."""
 
 
-def validate_trigger(trigger: str, what: str = "trigger word") -> str:
-    """A trigger is one word the prompt can contain, e.g. 'sks'."""
+def validate_trigger(trigger: str, class_word: str | None = None) -> str:
+    """A trigger is one word the prompt can contain, e.g. 'sks', and not the class word itself."""
     if not isinstance(trigger, str) or not trigger.strip():
-        raise IdentityError(f"The {what} is empty. Type a single rare word such as 'sks' and use it in the prompt.")
+        raise IdentityError("The trigger word is empty. Type a single rare word such as 'sks' and use it in the prompt.")
     word = trigger.strip()
     if any(ch.isspace() for ch in word):
-        raise IdentityError(f"The {what} {trigger!r} has spaces. Use a single word such as 'sks' or 'ohwx'.")
-    bad = sorted(set(word) & _PROMPT_SYNTAX)
-    if bad:
-        raise IdentityError(f"The {what} {trigger!r} contains prompt syntax {''.join(bad)!r}. "
-                            "Use letters and digits only, e.g. 'sks'.")
+        raise IdentityError(f"The trigger word {trigger!r} has spaces. Use a single word such as 'sks' or 'ohwx'.")
+    _check_prompt_syntax(trigger, word, "trigger word", "Use letters and digits only, e.g. 'sks'.")
+    if not any(ch.isalnum() for ch in word):
+        raise IdentityError(f"The trigger word {trigger!r} has no letter or digit, so prompts cannot name it reliably. "
+                            "Use a rare word such as 'sks' or 'ohwx'.")
+    if class_word is not None and word.lower() == class_word.strip().lower():
+        raise IdentityError(f"The trigger word {word!r} is the class word itself: every {word!r} in a prompt would "
+                            "become this identity. Use a rare word such as 'sks' as the trigger.")
     return word
+
+
+def validate_class_word(class_word: str) -> str:
+    """What the subject is: 'person', 'dog', or a few words such as 'golden retriever'."""
+    if not isinstance(class_word, str) or not class_word.strip():
+        raise IdentityError("The class word is empty. Say what the subject is: 'person' for faces, 'dog', 'cat', "
+                            "'teddy bear'...")
+    words = " ".join(class_word.split())
+    _check_prompt_syntax(class_word, words, "class word", "Use plain words, e.g. 'golden retriever'.")
+    if not any(ch.isalpha() for ch in words) or len(words) > MAX_CLASS_WORD_LENGTH:
+        raise IdentityError(f"The class word {class_word!r} should be one to a few plain words ({MAX_CLASS_WORD_LENGTH} "
+                            "characters at most) saying what the subject is, e.g. 'person' or 'golden retriever'.")
+    return words
+
+
+def _check_prompt_syntax(raw: str, text: str, what: str, advice: str) -> None:
+    bad = sorted(set(text) & _PROMPT_SYNTAX)
+    if bad:
+        raise IdentityError(f"The {what} {raw!r} contains prompt syntax {''.join(bad)!r}. {advice}")
 
 
 def validate_identity_name(name: str) -> str:
@@ -99,8 +123,8 @@ class Identity:
                                 "retrain it with a lower learning rate.")
         object.__setattr__(self, "k_tokens", k)
         object.__setattr__(self, "v_tokens", v)
-        object.__setattr__(self, "trigger", validate_trigger(self.trigger))
-        object.__setattr__(self, "class_word", validate_trigger(self.class_word, "class word"))
+        object.__setattr__(self, "class_word", validate_class_word(self.class_word))
+        object.__setattr__(self, "trigger", validate_trigger(self.trigger, self.class_word))
         bounds = tuple(float(b) for b in self.boundaries) or even_boundaries(k.shape[0])
         validate_boundaries(bounds, k.shape[0])
         object.__setattr__(self, "boundaries", bounds)
@@ -159,7 +183,8 @@ def _identity_from(name: str, meta: dict, tensors: dict) -> Identity:
     if meta.get("sefi.format") != FORMAT_NAME:
         raise IdentityError(f"{name} is a .safetensors file but not a SeFi identity (no 'sefi.format' metadata). "
                             "Only files made by SeFi Train Identity go in models/sefi_identities.")
-    version = _parse(name, meta, "sefi.format_version", int)
+    field = _MetadataReader(name, meta)
+    version = field.read("sefi.format_version", lambda raw: _integer(raw, 1), "a format version (a whole number from 1)")
     if version > FORMAT_VERSION:
         raise IdentityError(f"{name} has format version {version}; this pack reads up to {FORMAT_VERSION}. "
                             "Update the SeFi node pack.")
@@ -168,26 +193,68 @@ def _identity_from(name: str, meta: dict, tensors: dict) -> Identity:
             raise IdentityError(f"{name} has no {key!r} tensor; the file is damaged. Retrain the identity.")
         if not tensors[key].is_floating_point():
             raise IdentityError(f"{name}: {key!r} has dtype {tensors[key].dtype}; expected floating point.")
-    stage_count = _parse(name, meta, "sefi.stage_count", int)
-    if tensors["sefi.k_tokens"].shape[0] != stage_count:
-        raise IdentityError(f"{name}: metadata says {stage_count} stages but the K tokens have shape "
+    stages = field.read("sefi.stage_count", lambda raw: _integer(raw, 1, STAGE_COUNTS), f"one of {STAGE_COUNTS}")
+    if tensors["sefi.k_tokens"].shape[0] != stages:
+        raise IdentityError(f"{name}: metadata says {stages} stages but the K tokens have shape "
                             f"{tuple(tensors['sefi.k_tokens'].shape)}; the file is damaged.")
+    boundaries = field.read("sefi.stage_boundaries", lambda raw: _boundaries(raw, stages),
+                            f"a list of {stages + 1} timesteps from 1000 down to 0")
+    class_word = field.read("sefi.class_word", validate_class_word, "the class word, e.g. 'person'", "person")
+    trigger = field.read("sefi.trigger", lambda raw: validate_trigger(raw, class_word), "the trigger word, e.g. 'sks'")
+    base_model = field.read("sefi.base_model", _text, "text", "")
+    training = field.read("sefi.training", _json_object, "an object of training settings", "{}")
     try:
-        return Identity(
-            k_tokens=tensors["sefi.k_tokens"],
-            v_tokens=tensors["sefi.v_tokens"],
-            trigger=meta.get("sefi.trigger", ""),
-            class_word=meta.get("sefi.class_word", "person"),
-            boundaries=tuple(_parse(name, meta, "sefi.stage_boundaries", json.loads)),
-            base_model=meta.get("sefi.base_model", ""),
-            training=json.loads(meta.get("sefi.training", "{}") or "{}"),
-        )
+        return Identity(tensors["sefi.k_tokens"], tensors["sefi.v_tokens"], trigger, class_word, boundaries,
+                        base_model, training)
     except (IdentityError, ValueError) as e:
         raise IdentityError(f"{name}: {e}") from e
 
 
-def _parse(name: str, meta: dict, key: str, parse):
-    try:
-        return parse(meta[key])
-    except (KeyError, ValueError, TypeError) as e:
-        raise IdentityError(f"{name}: metadata {key!r} is missing or malformed ({meta.get(key)!r}).") from e
+class _MetadataReader:
+    """One identity file's metadata; every bad value is an IdentityError that names the file and the key."""
+
+    def __init__(self, name: str, meta: dict):
+        self.name, self.meta = name, meta
+
+    def read(self, key: str, parse, expected: str, default=None):
+        if key not in self.meta and default is None:
+            raise IdentityError(f"{self.name}: metadata {key!r} is missing; it must be {expected}. {_DAMAGED}")
+        raw = self.meta.get(key, default)
+        try:
+            return parse(raw)
+        except (ValueError, TypeError) as e:  # IdentityError is a ValueError
+            detail = f" ({e})" if isinstance(e, IdentityError) else ""
+            raise IdentityError(f"{self.name}: metadata {key!r} is {raw!r}; it must be {expected}{detail}. "
+                                f"{_DAMAGED}") from None
+
+
+_DAMAGED = "The file is damaged or was edited: retrain the identity, or copy the original file again."
+
+
+def _integer(raw, minimum: int, allowed=None) -> int:
+    value = int(raw)
+    if value < minimum or (allowed is not None and value not in allowed):
+        raise ValueError(value)
+    return value
+
+
+def _boundaries(raw, stages: int) -> tuple[float, ...]:
+    values = json.loads(raw)
+    if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                               and math.isfinite(v) for v in values):
+        raise ValueError(values)
+    validate_boundaries(values, stages)
+    return tuple(float(v) for v in values)
+
+
+def _text(raw) -> str:
+    if not isinstance(raw, str):
+        raise TypeError(raw)
+    return raw
+
+
+def _json_object(raw) -> dict:
+    value = json.loads(raw or "{}")
+    if not isinstance(value, dict):
+        raise TypeError(value)
+    return value

@@ -181,6 +181,8 @@ def test_bad_inputs_give_clear_errors(host, tiny):
         probe.apply(host, model, clip, ident, trigger="two words")
     with pytest.raises(ValueError, match="start_percent 0.8 must be below end_percent 0.2"):
         probe.apply(host, model, clip, ident, start=0.8, end=0.2)
+    with pytest.raises(ValueError, match="The trigger word 'person' is the class word itself"):
+        probe.apply(host, model, clip, ident, trigger="person")
 
 
 def test_malformed_identity_file_fails_the_load_node_naming_the_file(host):

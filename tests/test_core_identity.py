@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from sefi_core.identity import (FORMAT_VERSION, Identity, IdentityError, load_identity, save_identity,
-                                validate_identity_name, validate_trigger)
+                                validate_class_word, validate_identity_name, validate_trigger)
 
 
 def make_identity(stages=5, seed=0, **kw):
@@ -69,6 +69,24 @@ def _write_raw(path, k, v, **meta):
     (torch.zeros(5, 768), torch.zeros(5, 768), {"sefi.trigger": " "}, "trigger word is empty"),
     (torch.zeros(5, 768), torch.zeros(5, 768), {"sefi.stage_boundaries": "[1000, 0]"}, "boundaries"),
     (torch.zeros(5, 768), torch.zeros(5, 768), {"sefi.stage_count": "x"}, "stage_count"),
+    (torch.zeros(5, 768), torch.zeros(5, 768), {"sefi.stage_boundaries": "5"},
+     r"metadata 'sefi.stage_boundaries' is '5'; it must be a list of 6 timesteps from 1000 down to 0\. The file is damaged"),
+    (torch.zeros(5, 768), torch.zeros(5, 768), {"sefi.stage_boundaries": "[1000, 800, 600, 400, 200, null]"},
+     r"metadata 'sefi.stage_boundaries' is '\[1000, 800, 600, 400, 200, null\]'; it must be a list of 6 timesteps"),
+    (torch.zeros(5, 768), torch.zeros(5, 768), {"sefi.stage_boundaries": "[1000, 800"}, "'sefi.stage_boundaries'"),
+    (torch.zeros(5, 768), torch.zeros(5, 768), {"sefi.format_version": "0"},
+     r"metadata 'sefi.format_version' is '0'; it must be a format version \(a whole number from 1\)"),
+    (torch.zeros(5, 768), torch.zeros(5, 768), {"sefi.training": "[1, 2]"},
+     r"metadata 'sefi.training' is '\[1, 2\]'; it must be an object of training settings"),
+    (torch.zeros(5, 768), torch.zeros(5, 768), {"sefi.training": "{oops"}, "metadata 'sefi.training'"),
+    (torch.zeros(5, 768), torch.zeros(5, 768), {"sefi.trigger": "!!!"},
+     r"metadata 'sefi.trigger' is '!!!'; it must be the trigger word.*has no letter or digit"),
+    (torch.zeros(5, 768), torch.zeros(5, 768), {"sefi.trigger": "Person"}, "is the class word itself"),
+    (torch.zeros(5, 768), torch.zeros(5, 768), {"sefi.class_word": "(dog)"}, "metadata 'sefi.class_word'"),
+    (torch.full((5, 768), 1e30), torch.zeros(5, 768), {},
+     r"size \(L2 norm\) of up to .*the limit\. The training that made it diverged: retrain it with a lower learning rate"),
+    (torch.full((5, 768), 1e300, dtype=torch.float64), torch.zeros(5, 768, dtype=torch.float64), {},
+     "too large for float32"),
 ])
 def test_malformed_files_are_rejected_with_the_file_name(tmp_path, k, v, meta, message):
     path = tmp_path / "bad.safetensors"
@@ -97,7 +115,30 @@ def test_good_names(name, file):
     assert validate_identity_name(name) == file
 
 
-@pytest.mark.parametrize("trigger", ["", "   ", "two words", "(sks", "sks:1.2"])
-def test_bad_triggers(trigger):
-    with pytest.raises(IdentityError):
+@pytest.mark.parametrize("trigger, message", [
+    ("", "is empty"), ("   ", "is empty"), ("two words", "has spaces"), ("(sks", "prompt syntax"),
+    ("sks:1.2", "prompt syntax"), ("!!!", "has no letter or digit, so prompts cannot name it reliably"),
+])
+def test_bad_triggers(trigger, message):
+    with pytest.raises(IdentityError, match=message):
         validate_trigger(trigger)
+
+
+def test_the_class_word_is_not_a_trigger():
+    with pytest.raises(IdentityError, match="The trigger word 'Dog' is the class word itself: every 'Dog' in a prompt "
+                                            "would become this identity. Use a rare word such as 'sks'"):
+        validate_trigger("Dog", "dog")
+
+
+@pytest.mark.parametrize("word, expected", [("person", "person"), ("golden retriever", "golden retriever"),
+                                            ("  teddy   bear ", "teddy bear")])
+def test_class_words_of_a_few_words(word, expected, tmp_path):
+    assert validate_class_word(word) == expected
+    path = save_identity(make_identity(class_word=word), tmp_path / "x.safetensors")
+    assert load_identity(path).class_word == expected
+
+
+@pytest.mark.parametrize("word", ["", "(dog)", "123", "x" * 41])
+def test_bad_class_words(word):
+    with pytest.raises(IdentityError, match="class word"):
+        validate_class_word(word)

@@ -134,8 +134,8 @@ def test_zero_steps_is_rejected_by_validation(host):
     assert not result.success and result.node_errors
 
 
-def execute_training(host, model, clip, vae, name, **extra):
-    image = host.nodes.LoadImage().load_image("astronaut.png")[0]
+def execute_training(host, model, clip, vae, name, image=None, **extra):
+    image = image if image is not None else host.nodes.LoadImage().load_image("astronaut.png")[0]
     inputs = dict(model=model, clip=clip, vae=vae, image=image, name=name, trigger="sks", class_word="person", steps=3,
                   learning_rate=0.005, attention_weight=0.003, seed=0, resolution=64, kv_pairs="5",
                   attention_loss="all tokens (#3, paper)", overwrite=True, gradient_checkpointing="auto")
@@ -223,3 +223,58 @@ def test_training_gives_back_what_it_loaded(host):
     layers = clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers
     assert all(getattr(layer.forward, "__func__", None) is type(layer).forward for layer in layers)
     assert not any("forward" in m.__dict__ for m in model.model.diffusion_model.modules())
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"trigger": "person"}, "The trigger word 'person' is the class word itself: every 'person' in a prompt would "
+                            "become this identity. Use a rare word such as 'sks' as the trigger."),
+    ({"trigger": "!!!"}, "The trigger word '!!!' has no letter or digit, so prompts cannot name it reliably. Use a rare "
+                         "word such as 'sks' or 'ohwx'."),
+    ({"class_word": "(dog)"}, "The class word '(dog)' contains prompt syntax '()'. Use plain words, e.g. 'golden retriever'."),
+])
+def test_bad_words_are_refused_with_their_fix(host, extra, message):
+    result = host.run(train_graph(**{"name": "words", "steps": 500, **extra}))
+    assert not result.success and message in result.error["exception_message"]
+    assert host.progress == []
+
+
+def test_a_class_word_of_several_words_trains(host):
+    result = host.run(train_graph("retriever", steps=2, image="chelsea.png", class_word="golden retriever"))
+    assert result.success, result.error
+    assert load_identity(host.identity_dir / "retriever.safetensors").class_word == "golden retriever"
+
+
+def test_images_that_cannot_be_learned_from_are_errors_about_the_image(host, caplog):
+    model, clip, vae = host.load_checkpoint("tiny.safetensors")
+    broken = torch.rand(1, 96, 96, 3)
+    broken[0, 10, 10, 1] = float("nan")
+    with pytest.raises(ValueError, match="The image has NaN or infinite pixel values, so there is nothing to learn from. "
+                                         "Check the node that made it"):
+        execute_training(host, model, clip, vae, "nan_image", image=broken)
+    with pytest.raises(ValueError, match="The image is 200x48 pixels; SeFi Train Identity needs at least 64 on the short "
+                                         "side \\(512 or more is best\\). Use a larger photo of the subject."):
+        execute_training(host, model, clip, vae, "tiny_image", image=torch.rand(1, 48, 200, 3))
+    assert not list(host.identity_dir.glob("nan_image*")) and not list(host.identity_dir.glob("tiny_image*"))
+    execute_training(host, model, clip, vae, "thin_image", image=torch.rand(1, 64, 320, 3), steps=1)
+    assert "the image is 320x64; training uses its centre square" in caplog.text
+
+
+def test_tokens_that_blow_up_stop_training_and_nothing_is_saved(host):
+    result = host.run(train_graph("blown", steps=200, learning_rate=0.1))
+    assert not result.success
+    message = result.error["exception_message"]
+    assert "The identity's tokens grew to a size of" in message
+    assert "Lower the learning rate (now 0.1), e.g. to 0.02; nothing was saved." in message
+    assert not list(host.identity_dir.glob("blown*"))
+
+
+def test_requeueing_after_the_file_was_deleted_trains_again(host):
+    host.reset()
+    path = host.identity_dir / "requeued.safetensors"
+    assert host.run(train_graph("requeued", steps=2), fresh=False).success and path.exists()
+    assert host.run(train_graph("requeued", steps=2), fresh=False).success
+    assert host.progress == []  # unchanged inputs, file still there: the cached result
+    path.unlink()
+    result = host.run(train_graph("requeued", steps=2), fresh=False)
+    assert result.success, result.error
+    assert path.exists() and [v for v, _ in host.progress][-1] == 2
