@@ -117,7 +117,7 @@ def test_style_tokens_are_appended_to_the_identity_contexts(host, sefi, strength
     assert_rows(records, torch.cat((k, tokens), 1), torch.cat((v, tokens), 1))
 
 
-def test_area_mask_strength_timestep_range_and_combine_keep_the_identity(host, sefi):
+def test_area_mask_strength_timestep_range_properties_and_combine_keep_the_identity(host, sefi):
     _, clip, model, sefi_clip = sefi
     ident = probe.encode(host, sefi_clip, PROMPT)
     mask = torch.zeros(1, 64, 64)
@@ -127,7 +127,10 @@ def test_area_mask_strength_timestep_range_and_combine_keep_the_identity(host, s
         strong = node(host, "ConditioningSetAreaStrength").append(masked, 1.3)[0]
         ranged = node(host, "ConditioningSetTimestepRange").set_range(strong, 0.0, 1.0)[0]
         area = node(host, "ConditioningSetArea").append(ident, 64, 64, 0, 0, 1.0)[0]
+        percent = node(host, "ConditioningSetAreaPercentage").append(ident, 1.0, 1.0, 0.0, 0.0, 1.0)[0]
+        properties = node(host, "ConditioningSetProperties").set_properties(ident, 0.8, "default", mask=mask)[0]
         both = node(host, "ConditioningCombine").combine(ranged, area)[0]
+        both = node(host, "ConditioningCombine").combine(both, node(host, "ConditioningCombine").combine(percent, properties)[0])[0]
     k, v = expected_kv(host, clip, PROMPT)
     for context, value in received(host, model, both, probe.encode(host, sefi_clip, "")):
         for row in range(context.shape[0]):
