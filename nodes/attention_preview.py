@@ -7,7 +7,7 @@ import torch
 import comfy.ldm.modules.attention
 import comfy.sample
 import comfy.samplers
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..sefi_core.attention_maps import head_mean_probs, prompt_words, render_grid, word_maps, word_positions
 from . import host
@@ -54,6 +54,7 @@ class SefiAttentionMapPreview(io.ComfyNode):
             node_id="SefiAttentionMapPreview",
             display_name="SeFi Attention Map Preview",
             category="SeFi-IDE",
+            is_output_node=True,  # its maps show on the node; no Preview Image needed
             description="Shows where each word of a prompt looks in an image: one heatmap per word, on one shared "
                         "scale. Run it on the model with and without SeFi Apply Stage Tokens to see what an identity "
                         "changes: a good identity attends to the face and leaves other words their own regions.",
@@ -75,7 +76,8 @@ class SefiAttentionMapPreview(io.ComfyNode):
                 io.Latent.Input("latent", optional=True, tooltip="Or analyse a latent directly (image and VAE not needed)."),
             ],
             outputs=[
-                io.Image.Output(display_name="preview", tooltip="One labelled heatmap per word over the image."),
+                io.Image.Output(display_name="preview", tooltip="One labelled heatmap per word over the image, with the "
+                                                                "colour scale (also shown on this node)."),
                 io.Mask.Output(display_name="maps", tooltip="The maps as masks (one per word, shared 0-1 scale)."),
             ],
         )
@@ -98,8 +100,8 @@ class SefiAttentionMapPreview(io.ComfyNode):
                                      LAYER_CHOICES[layers], seed)
         height, width = picture.shape[:2]
         maps = word_maps(layer_maps, found, height, width)
-        preview = render_grid(picture.numpy(), maps.numpy(), [w.label for w in found])
-        return io.NodeOutput(torch.from_numpy(preview).unsqueeze(0), maps)
+        preview = torch.from_numpy(render_grid(picture.numpy(), maps.numpy(), [w.label for w in found])).unsqueeze(0)
+        return io.NodeOutput(preview, maps, ui=ui.PreviewImage(preview, cls=cls))
 
     @staticmethod
     def inputs_to_latent(image, vae, latent):

@@ -298,12 +298,30 @@ class StageKVInjector:
         return n, context_attn2, value_attn2
 
 
+def refuse_empty_inpainting_mask(executor, noise, latent_image, sampler, sigmas, denoise_mask=None, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: a latent whose inpainting mask is empty would come back unchanged, silently."""
+    if denoise_mask is not None and not bool(denoise_mask.any()):
+        raise ValueError("The latent's inpainting mask is empty, so nothing would be repainted and the photo would come "
+                         "back unchanged. Paint over the face (right-click Load Image > Open in MaskEditor) or connect a "
+                         "mask that covers it, then queue again.")
+    return executor(noise, latent_image, sampler, sigmas, denoise_mask, *args, **kwargs)
+
+
+def show_text_on_node(node_id: str | None, text: str) -> None:
+    """Text shown on the node in the frontend while it runs (the host's progress-text message)."""
+    from server import PromptServer  # the running server; imported late, as it imports the whole host
+
+    if node_id is not None and PromptServer.instance is not None:
+        PromptServer.instance.send_progress_text(text, node_id)
+
+
 def patch_model(model):
     """A clone of `model` with the stage K/V injector installed once (chained Apply nodes share it).
     The injector runs first among attn2 patches, so patches added before or after it see SeFi's K/V."""
     patched = model.clone()
     wrappers = comfy.patcher_extension.WrappersMP
     if not patched.get_wrappers(wrappers.DIFFUSION_MODEL, WRAPPER_KEY):
+        patched.add_wrapper_with_key(wrappers.OUTER_SAMPLE, WRAPPER_KEY, refuse_empty_inpainting_mask)
         patched.add_wrapper_with_key(wrappers.CALC_COND_BATCH, WRAPPER_KEY, batch_with_neutral_entries)
         patched.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY, select_stage_kv)
         patches = patched.model_options["transformer_options"].setdefault("patches", {})

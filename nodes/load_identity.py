@@ -29,10 +29,20 @@ class SefiLoadIdentity(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, identity_file):
-        stat = os.stat(identity_path(identity_file))
+        try:
+            stat = os.stat(identity_path(identity_file))
+        except (FileNotFoundError, OSError):
+            return f"{identity_file}:missing"  # execute() says what to do
         return f"{identity_file}:{stat.st_mtime_ns}:{stat.st_size}"  # re-run when the file changes
 
     @classmethod
     def execute(cls, identity_file) -> io.NodeOutput:
+        available = identity_files()
+        if identity_file not in available:
+            found = ", ".join(available) if available else "none yet"
+            raise FileNotFoundError(
+                f"No identity file {identity_file!r} in models/sefi_identities (there: {found}). Train one first with "
+                "SeFi Train Identity (the workflow 1_train_and_generate does it from one photo), then press R in "
+                "ComfyUI to refresh this list, or pick one of the files there.")
         identity = load_identity(identity_path(identity_file))
         return io.NodeOutput(identity, identity.trigger)

@@ -6,12 +6,12 @@ import torch
 
 import comfy.model_management
 import comfy.utils
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..sefi_core.identity import (Identity, IdentityError, save_identity, validate_class_word, validate_identity_name,
                                  validate_trigger)
 from ..sefi_core.losses import ATTENTION_OPTIONS
-from ..sefi_core.plot import loss_curve_image
+from ..sefi_core.plot import loss_curve_image, smoothed, smoothing_span
 from ..sefi_core.train import TrainSettings, train_tokens
 from . import host
 from .training import HostTrainer, frozen
@@ -86,9 +86,10 @@ class SefiTrainIdentity(io.ComfyNode):
                                         "trigger as it where the identity is off."),
                 io.Int.Input("steps", default=1000, min=1, max=20000,
                              tooltip="Optimisation steps; the paper uses about 1000."),
-                io.Float.Input("learning_rate", default=0.005, min=0.00001, max=0.1, step=0.0005,
+                # step 0.00001: the frontend rounds a float to its step's decimals, so 0.00002 and 0.0005 survive
+                io.Float.Input("learning_rate", default=0.005, min=0.00001, max=0.1, step=0.00001,
                                tooltip="Adam learning rate; the paper uses 0.005. Lower it if the loss explodes."),
-                io.Float.Input("attention_weight", default=0.003, min=0.0, max=1.0, step=0.001,
+                io.Float.Input("attention_weight", default=0.003, min=0.0, max=1.0, step=0.00001,
                                tooltip="Lambda of the face-wise attention loss; the paper uses 0.003 "
                                        "(0.01 and 0.05 underfit). 0 turns it off."),
                 io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
@@ -110,8 +111,10 @@ class SefiTrainIdentity(io.ComfyNode):
             ],
             outputs=[
                 host.SefiIdentity.Output(display_name="identity", tooltip="The trained identity, for SeFi Apply Stage Tokens."),
-                io.Image.Output(display_name="loss_curve", tooltip="The training loss over the steps."),
+                io.Image.Output(display_name="loss_curve", tooltip="The training loss over the steps (also shown on "
+                                                                   "this node)."),
             ],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -145,23 +148,30 @@ class SefiTrainIdentity(io.ComfyNode):
         settings = TrainSettings(steps=steps, learning_rate=learning_rate, attention_weight=attention_weight, seed=seed,
                                  resolution=resolution, stage_count=int(kv_pairs),
                                  attention_option=ATTENTION_OPTIONS[attention_loss])
-        result = cls.train(model, clip, vae, image, trigger, class_word, settings, gradient_checkpointing)
+        result = cls.train(model, clip, vae, image, trigger, class_word, settings, gradient_checkpointing,
+                           cls.hidden.unique_id if cls.hidden else None)
         identity = Identity(result.k_tokens, result.v_tokens, trigger, class_word,
                             base_model=host.model_fingerprint(clip), training=settings.as_metadata())
         save_identity(identity, path, overwrite=overwrite)
         cls.written_files.wrote(path)
         log.info("SeFi: saved identity %s (final loss %.4f)", path, result.losses[-1])
-        curve = torch.from_numpy(loss_curve_image(result.losses)).unsqueeze(0)
-        return io.NodeOutput(identity, curve)
+        curve = torch.from_numpy(loss_curve_image(result.losses, settings.steps)).unsqueeze(0)
+        return io.NodeOutput(identity, curve, ui=ui.PreviewImage(curve, cls=cls))
 
     @staticmethod
-    def train(model, clip, vae, image, trigger, class_word, settings, checkpointing="auto"):
+    def train(model, clip, vae, image, trigger, class_word, settings, checkpointing="auto", node_id=None):
         progress = comfy.utils.ProgressBar(settings.steps)
+        shown = [0]  # how many losses the node's text has shown
 
         def on_step(step, losses):
             progress.update_absolute(step + 1, settings.steps)
-            if (step + 1) % 100 == 0 and losses:
-                log.info("SeFi training step %d/%d loss %.4f", step + 1, settings.steps, losses[-1])
+            if len(losses) > shown[0]:  # new losses are read back every few steps
+                shown[0] = len(losses)
+                span = smoothing_span(settings.steps)
+                loss = smoothed(losses[-10 * span:], span)[-1]  # older steps weigh < e^-20
+                host.show_text_on_node(node_id, f"step {len(losses)}/{settings.steps}: loss {loss:.4f} (smoothed)")
+                if len(losses) % 100 == 0 or len(losses) == settings.steps:
+                    log.info("SeFi training step %d/%d loss %.4f (smoothed)", len(losses), settings.steps, loss)
             comfy.model_management.throw_exception_if_processing_interrupted()
 
         trainer = HostTrainer(model, clip, trigger, class_word, settings.attention_option, checkpointing == "on")

@@ -12,10 +12,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from .plot import font
+
 from .losses import attention_probs
 from .prompt_tokens import find_spans
 
-LABEL_HEIGHT = 24
+LABEL_SIZE = 30  # px: readable when the frontend shrinks a 3-4 tile grid to a node's width
+LABEL_HEIGHT = 44
+COLOUR_BAR_HEIGHT = 64
 MAX_COLUMNS = 4
 
 
@@ -83,18 +87,43 @@ def _heat(value: np.ndarray) -> np.ndarray:
 
 def render_grid(image: np.ndarray, maps: np.ndarray, labels: Sequence[str], tile: int = 256,
                 opacity: float = 0.6) -> np.ndarray:
-    """image (H, W, 3) 0-1, maps (words, H, W) on a shared 0-1 scale -> one (rows*(tile+label), cols*tile, 3)
-    picture: a tile per word, heatmap over the image, the word written above it."""
+    """image (H, W, 3) 0-1, maps (words, H, W) on a shared 0-1 scale -> one picture: a tile per word (heatmap over
+    the image, the word written above it) and a colour bar for the shared scale below."""
     rows, columns = grid_shape(len(labels))
     h, w = image.shape[:2]
     tile_h = round(tile * h / w)
-    canvas = Image.new("RGB", (columns * tile, rows * (tile_h + LABEL_HEIGHT)), "white")
+    width = max(columns * tile, 2 * tile)
+    canvas = Image.new("RGB", (width, rows * (tile_h + LABEL_HEIGHT) + COLOUR_BAR_HEIGHT), "white")
     draw = ImageDraw.Draw(canvas)
+    label_font = font(LABEL_SIZE)
     base = Image.fromarray((image * 255).astype(np.uint8)).resize((tile, tile_h), Image.BILINEAR)
     for i, (word_map, label) in enumerate(zip(maps, labels)):
         r, c = divmod(i, columns)
         heat = Image.fromarray((_heat(word_map) * 255).astype(np.uint8)).resize((tile, tile_h), Image.BILINEAR)
         x, y = c * tile, r * (tile_h + LABEL_HEIGHT)
         canvas.paste(Image.blend(base, heat, opacity), (x, y + LABEL_HEIGHT))
-        draw.text((x + 6, y + 6), label, fill="black")
+        draw.text((x + tile // 2, y + LABEL_HEIGHT // 2), _fit(draw, label, label_font, tile - 8), fill="black",
+                  font=label_font, anchor="mm")
+    _colour_bar(draw, canvas, canvas.height - COLOUR_BAR_HEIGHT, width)
     return np.asarray(canvas, dtype=np.float32) / 255.0
+
+
+def _fit(draw: ImageDraw.ImageDraw, label: str, label_font, width: int) -> str:
+    """The label, shortened with an ellipsis if it is wider than its tile."""
+    if draw.textlength(label, font=label_font) <= width:
+        return label
+    while label and draw.textlength(label + "...", font=label_font) > width:
+        label = label[:-1]
+    return label + "..."
+
+
+def _colour_bar(draw: ImageDraw.ImageDraw, canvas: Image.Image, top: int, width: int) -> None:
+    """The heat colours from 0 to 1 (1: the strongest attention of any word at any pixel), with ticks."""
+    margin, bar_h = 24, 18
+    ramp = _heat(np.linspace(0, 1, width - 2 * margin))[None].repeat(bar_h, 0)
+    canvas.paste(Image.fromarray((ramp * 255).astype(np.uint8)), (margin, top + 8))
+    tick_font = font(18)
+    below = top + 14 + bar_h
+    draw.text((margin, below), "0", fill="black", font=tick_font, anchor="lt")
+    draw.text((width - margin, below), "1", fill="black", font=tick_font, anchor="rt")
+    draw.text((width // 2, below), "attention (one scale for all words)", fill="black", font=tick_font, anchor="mt")

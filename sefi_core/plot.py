@@ -1,30 +1,86 @@
-"""The loss curve as a picture (an IMAGE output an artist can look at)."""
+"""Pictures an artist reads at a glance: the training loss curve, and the shared pieces (a scalable font,
+nice axis ticks) the attention preview uses too."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
-MARGIN = 40
+RAW = (200, 200, 200)
+SMOOTH = (30, 80, 200)
+INK = (20, 20, 20)
+GRID = (232, 232, 232)
 
 
-def loss_curve_image(losses: list[float], width: int = 512, height: int = 256) -> np.ndarray:
-    """(height, width, 3) float32 in 0-1: raw loss in grey, its moving average in blue."""
+def font(size: int) -> ImageFont.ImageFont:
+    """Pillow's bundled scalable font at `size` pixels (no system fonts needed)."""
+    return ImageFont.load_default(size=size)
+
+
+def smoothing_span(total_steps: int) -> int:
+    """The window of the smoothed loss: a twentieth of the run (the raw loss swings with the timestep)."""
+    return max(5, total_steps // 20)
+
+
+def smoothed(values, span: int) -> np.ndarray:
+    """Exponential moving average with the bias correction of Adam's moments, so the start is not pulled to 0."""
+    values = np.asarray(values, dtype=np.float64)
+    alpha, mean, out = 2.0 / (span + 1), 0.0, np.empty_like(values)
+    for i, v in enumerate(values):
+        mean = (1 - alpha) * mean + alpha * v
+        out[i] = mean / (1 - (1 - alpha) ** (i + 1))
+    return out
+
+
+def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """Round-numbered ticks (1, 2 or 5 times a power of ten) covering [low, high]."""
+    if not math.isfinite(low) or not math.isfinite(high) or high <= low:
+        return [low]
+    raw = (high - low) / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    first = math.ceil(low / step - 1e-9) * step
+    return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
+
+
+def _label(value: float) -> str:
+    return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.2e}"
+
+
+def loss_curve_image(losses: list[float], total_steps: int | None = None, width: int = 768,
+                     height: int = 432) -> np.ndarray:
+    """(height, width, 3) float32 in 0-1: the raw loss per step in grey, its smoothed value in blue over it, axes
+    with step numbers and loss values, and the final smoothed loss in the title."""
+    total = total_steps or len(losses)
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
+    title_font, tick_font = font(22), font(16)
     values = np.asarray(losses, dtype=np.float64)
-    draw.text((MARGIN, 8), f"SeFi training loss ({len(values)} steps)", fill="black")
+    finite = values[np.isfinite(values)]
+    left, right, top, bottom = 78, width - 24, 54, height - 52
+    smooth = smoothed(values, smoothing_span(total)) if len(values) else values
+    title = f"SeFi training loss, {len(values)} steps"
     if len(values):
-        window = max(1, len(values) // 20)
-        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-        low, high = float(values.min()), float(values.max())
-        span = high - low or 1.0
-        to_xy = lambda i, v, n: (MARGIN + (width - 2 * MARGIN) * i / max(n - 1, 1),
-                                 height - MARGIN - (height - 2 * MARGIN) * (v - low) / span)
-        draw.line([to_xy(i, v, len(values)) for i, v in enumerate(values)], fill=(190, 190, 190), width=1)
-        offset = (len(values) - len(smooth)) / 2
-        draw.line([to_xy(i + offset, v, len(values)) for i, v in enumerate(smooth)], fill=(30, 80, 200), width=2)
-        draw.text((4, MARGIN - 6), f"{high:.3g}", fill="black")
-        draw.text((4, height - MARGIN - 6), f"{low:.3g}", fill="black")
-    draw.rectangle([MARGIN, MARGIN, width - MARGIN, height - MARGIN], outline="black")
-    draw.text((width // 2 - 10, height - MARGIN + 8), "step", fill="black")
+        title += f": smoothed {smooth[-1]:.4f} at the end"
+    draw.text((left, 14), title, fill=INK, font=title_font)
+    if len(finite):
+        low, high = float(finite.min()), float(finite.max())
+        low, high = (low - 0.5, high + 0.5) if high == low else (low, high)
+        to_x = lambda step: left + (right - left) * step / max(total - 1, 1)
+        to_y = lambda v: bottom - (bottom - top) * (v - low) / (high - low)
+        for tick in nice_ticks(low, high):
+            if low <= tick <= high:
+                draw.line([(left, to_y(tick)), (right, to_y(tick))], fill=GRID)
+                draw.text((left - 8, to_y(tick)), _label(tick), fill=INK, font=tick_font, anchor="rm")
+        for tick in nice_ticks(0, max(total - 1, 1)):
+            draw.line([(to_x(tick), bottom), (to_x(tick), bottom + 5)], fill=INK)
+            draw.text((to_x(tick), bottom + 8), f"{tick:g}", fill=INK, font=tick_font, anchor="mt")
+        points = [(to_x(i), to_y(v)) for i, v in enumerate(values) if math.isfinite(v)]
+        if len(points) > 1:
+            draw.line(points, fill=RAW, width=1)
+            draw.line([(to_x(i), to_y(v)) for i, v in enumerate(smooth) if math.isfinite(v)], fill=SMOOTH, width=3)
+    draw.rectangle([left, top, right, bottom], outline=INK)
+    draw.text(((left + right) // 2, height - 20), "step", fill=INK, font=tick_font, anchor="mm")
+    draw.text((right, height - 20), "grey: per step   blue: smoothed", fill=(90, 90, 90), font=tick_font, anchor="rm")
     return np.asarray(image, dtype=np.float32) / 255.0

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import comfy_probe as probe
-from sefi_core.attention_maps import LABEL_HEIGHT, grid_shape, prompt_words, render_grid
+from sefi_core.attention_maps import COLOUR_BAR_HEIGHT, LABEL_HEIGHT, _heat, grid_shape, prompt_words, render_grid
 
 FULL = "full latent (64x64 at 512 px)"
 
@@ -62,7 +62,7 @@ def test_maps_equal_an_independent_softmax_qk_computation(host):
     assert len(records) == 4  # every cross-attention layer of the tiny model
     assert masks.shape == (2, 64, 64)
     torch.testing.assert_close(masks, expected, rtol=1e-3, atol=1e-4)
-    assert picture.shape == (1, 256 + LABEL_HEIGHT, 512, 3)
+    assert picture.shape == (1, 256 + LABEL_HEIGHT + COLOUR_BAR_HEIGHT, 512, 3)
 
 
 @pytest.mark.parametrize("count", [1, 3, 12])
@@ -74,7 +74,7 @@ def test_layout_has_one_labelled_tile_per_word(host, count):
     rows, columns = grid_shape(count)
     assert (rows, columns) == {1: (1, 1), 3: (1, 3), 12: (3, 4)}[count]
     assert masks.shape[0] == count
-    assert picture.shape == (1, rows * (256 + LABEL_HEIGHT), columns * 256, 3)
+    assert picture.shape == (1, rows * (256 + LABEL_HEIGHT) + COLOUR_BAR_HEIGHT, max(columns, 2) * 256, 3)
     image = picture[0].numpy()
     for i in range(count):
         r, c = divmod(i, columns)
@@ -90,6 +90,17 @@ def test_labels_name_the_words_in_order():
     changed = [(drawn[:LABEL_HEIGHT, c * 256:(c + 1) * 256] != blank[:LABEL_HEIGHT, c * 256:(c + 1) * 256]).sum()
                for c in range(3)]
     assert all(n > 0 for n in changed) and changed[1] > changed[0]  # a longer label covers more pixels
+
+
+def test_labels_are_large_enough_to_read_and_the_colour_bar_shows_the_scale():
+    picture = render_grid(np.ones((8, 8, 3), dtype=np.float32), np.zeros((3, 8, 8), dtype=np.float32), ["sks", "cup", "latte"])
+    ink_rows = np.nonzero((picture[:LABEL_HEIGHT, :256] < 0.5).any(axis=(1, 2)))[0]
+    assert ink_rows.max() - ink_rows.min() >= 18  # the letters of 'sks' are ~20 px tall (the old labels were ~8)
+    bar_row = picture[-COLOUR_BAR_HEIGHT + 16, 24:-24]  # the ramp, left (0) to right (1)
+    np.testing.assert_allclose(bar_row[0], _heat(np.array(0.0)), atol=2 / 255)
+    np.testing.assert_allclose(bar_row[-1], _heat(np.array(1.0)), atol=2 / 255)
+    brightness = bar_row.sum(axis=1)
+    assert (np.diff(brightness) >= -2 / 255).all()  # the heat colours brighten from 0 to 1
 
 
 def test_absent_repeated_and_trigger_words(host):

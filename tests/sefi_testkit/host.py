@@ -65,6 +65,19 @@ class ServerStub:
     def queue_updated(self):
         pass
 
+    def send_progress_text(self, text, node_id, sid=None):
+        """The real server's method (it packs the text into a binary TEXT message and sends it with send_sync)."""
+        return sys.modules["server"].PromptServer.send_progress_text(self, text, node_id, sid)
+
+    def progress_texts(self) -> list[tuple[str, str]]:
+        """(node id, text) of every progress-text message sent so far."""
+        texts = []
+        for event, data in self.events:
+            if isinstance(data, (bytes, bytearray)) and event == 3:  # protocol.BinaryEventTypes.TEXT
+                length = int.from_bytes(data[:4], "big")
+                texts.append((data[4:4 + length].decode(), data[4 + length:].decode()))
+        return texts
+
 
 class Host:
     """One ComfyUI host with this pack loaded, rooted in `work_dir` (checkpoints, identities,
