@@ -61,7 +61,7 @@ class SefiAttentionMapPreview(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="An SD1.x model, patched by SeFi Apply Stage Tokens or not."),
                 io.Clip.Input("clip", tooltip="The CLIP that goes with the model (the SeFi one to see the trigger)."),
-                io.String.Input("prompt", multiline=True, default="a photo of sks enjoying a cup of latte",
+                io.String.Input("prompt", default="a photo of sks enjoying a cup of latte",
                                 tooltip="The prompt whose words you want to see."),
                 io.String.Input("words", default="",
                                 tooltip="Comma-separated words to show, e.g. 'sks, cup'. Empty: every word of the prompt."),

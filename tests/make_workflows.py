@@ -17,109 +17,156 @@ SAMPLER = {"seed": 42, "steps": 50, "cfg": 7.5, "sampler_name": "ddim", "schedul
 APPLY = {"trigger": "", "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}
 
 
-def generate(Node, Note, first_id, x, y, model, clip, vae, text, negative_id, latent, prefix, title=None):
-    """CLIP Text Encode -> KSampler -> VAE Decode -> Save Image, ids first_id..first_id+3."""
-    i = first_id
-    return [
-        Node(i, "CLIPTextEncode", (x, y), {"text": text}, {"clip": clip}, size=(400, 120), title=title),
-        Node(i + 1, "KSampler", (x + 430, y), SAMPLER, {"model": model, "positive": (i, 0), "negative": (negative_id, 0),
-                                                         "latent_image": latent}, size=(320, 270)),
-        Node(i + 2, "VAEDecode", (x + 780, y), {}, {"samples": (i + 1, 0), "vae": vae}, size=(200, 50)),
-        Node(i + 3, "SaveImage", (x + 1010, y), {"filename_prefix": prefix}, {"images": (i + 2, 0)}, size=(320, 320)),
-    ]
+TITLE = 30  # the frontend draws a node's title bar above its position
+SLOT = 20  # and its sockets 20 apart from 14 below it
+ROW = 160  # first row of nodes; the Notes sit above it
+SCALE = 0.8  # the saved view: every workflow fits a 1920x1080 screen at 80%
+MARGIN = 16  # screen pixels around the graph in the saved view
+
+
+def socket_y(y: int, index: int) -> int:
+    return y + 14 + SLOT * index
+
+
+def bus(x: int, *ys: int) -> list[tuple[int, int]]:
+    """Reroute points down a vertical corridor at x."""
+    return [(x, y) for y in ys]
 
 
 def workflows(Node, Note) -> dict[str, list]:
-    ckpt = Node(1, "CheckpointLoaderSimple", (0, 200), CKPT, size=(330, 100))
+    def identity_note(i, text, files="my_identity.safetensors"):
+        """The first Note of a workflow that needs identity files: which, and how to make them."""
+        return Note(i, (0, 0), f"Needs {files} in models/sefi_identities: make it with workflow 1_train_and_generate "
+                               f"(one photo, about 1000 steps).\n\n{text}", size=(1100, 100))
+
+    ckpt = Node(1, "CheckpointLoaderSimple", (0, ROW), CKPT, size=(320, 100))
     m, c, v = (1, 0), (1, 1), (1, 2)
     latent = lambda i, pos: Node(i, "EmptyLatentImage", pos, {"width": 512, "height": 512, "batch_size": 1}, size=(300, 110))
-    negative = lambda i, pos, clip: Node(i, "CLIPTextEncode", pos, {"text": NEGATIVE}, {"clip": clip}, size=(400, 100),
-                                         title="Negative prompt")
-    load_identity = lambda i, pos, file: Node(i, "SefiLoadIdentity", pos, {"identity_file": file}, size=(300, 80))
+    negative = lambda i, pos, clip, width=300: Node(i, "CLIPTextEncode", pos, {"text": NEGATIVE}, {"clip": clip},
+                                                    size=(width, 100), title="Negative prompt")
+    positive = lambda i, pos, clip, text, title=None: Node(i, "CLIPTextEncode", pos, {"text": text}, {"clip": clip},
+                                                           size=(360, 130), title=title)
+    sampler = lambda i, pos, links: Node(i, "KSampler", pos, SAMPLER, links, size=(280, 262))
+    decode = lambda i, pos, samples, vae: Node(i, "VAEDecode", pos, {}, {"samples": samples, "vae": vae}, size=(160, 50))
+    save = lambda i, pos, images, prefix, size=(280, 280): Node(i, "SaveImage", pos, {"filename_prefix": prefix},
+                                                                 {"images": images}, size=size)
+    load_identity = lambda i, pos, file: Node(i, "SefiLoadIdentity", pos, {"identity_file": file}, size=(320, 80))
     apply = lambda i, pos, model, clip, identity, trigger="": Node(
         i, "SefiApplyStageTokens", pos, {**APPLY, "trigger": trigger}, {"model": model, "clip": clip, "identity": identity},
-        size=(320, 180))
+        size=(300, 180))
+    top = ROW - 45  # a corridor between the Notes and the first row's title bars, for the VAE wire
+    vae_over_the_top = lambda x: (1, 2, [(340, top), (x - 24, top)])
     out = {}
 
     out["1_train_and_generate"] = [
-        Note(100, (0, -230), "1. Train an identity from one photo\n\nLoad your SD1.x checkpoint and ONE photo of the "
-             "person (or pet). SeFi Train Identity learns ten tokens (~30 KB) in about 1000 steps and saves them to "
-             "models/sefi_identities/my_identity.safetensors. Settings are the paper's; use class_word 'dog', 'cat'... "
-             "for non-faces. Cancel stops it and saves nothing. Change the name (or turn on overwrite) to train again."),
-        Note(101, (760, -230), "2. Generate with it straight away\n\nSeFi Apply Stage Tokens patches a copy of the model "
-             "and CLIP. Write the trigger 'sks' in the prompt with any scene, action or attribute. The loss curve "
-             "appears in the preview."),
+        Note(100, (0, 0), "1. Train an identity from one photo\n\nLoad your SD1.x checkpoint and ONE photo of the person "
+             "(or pet). SeFi Train Identity learns ten tokens (~30 KB) in about 1000 steps, shows its loss on the node and "
+             "saves models/sefi_identities/my_identity.safetensors. Settings are the paper's; class_word 'dog', 'cat'... "
+             "for non-faces. Cancel stops it and saves nothing; change the name (or turn on overwrite) to train again.",
+             size=(680, 100)),
+        Note(101, (720, 0), "2. Generate with it straight away\n\nSeFi Apply Stage Tokens patches a copy of the model "
+             "and CLIP. Write the trigger 'sks' in the prompt with any scene, action or facial attribute: 'sks as an old "
+             "man playing guitar in Paris'. Workflows 2-5 use the saved file.", size=(700, 100)),
         ckpt,
-        Node(2, "LoadImage", (0, 360), {"image": "example.png"}, size=(330, 330)),
-        Node(3, "SefiTrainIdentity", (380, 200), {"name": "my_identity", "trigger": "sks", "class_word": "person"},
-             {"model": m, "clip": c, "vae": v, "image": (2, 0)}, size=(340, 420)),
-        Node(4, "PreviewImage", (380, 660), {}, {"images": (3, 1)}, size=(340, 220), title="Loss curve"),
-        apply(5, (760, 200), m, c, (3, 0)),
-        negative(7, (760, 560), (5, 1)),
-        latent(8, (760, 700)),
-        *generate(Node, Note, 20, 1120, 200, (5, 0), (5, 1), v, "a photo of sks as an old man playing guitar in Paris",
-                  7, (8, 0), "sefi_train"),
+        Node(2, "LoadImage", (0, 310), {"image": "example.png"}, size=(320, 360)),
+        Node(3, "SefiTrainIdentity", (360, ROW), {"name": "my_identity", "trigger": "sks", "class_word": "person"},
+             {"model": m, "clip": c, "vae": v, "image": (2, 0)}, size=(320, 640)),
+        apply(5, (720, ROW), m, c, (3, 0)),
+        positive(20, (1060, ROW), (5, 1), "a photo of sks as an old man playing guitar in Paris"),
+        negative(7, (1060, 330), (5, 1), width=360),
+        latent(8, (1060, 480)),
+        sampler(21, (1460, ROW), {"model": (5, 0), "positive": (20, 0), "negative": (7, 0), "latent_image": (8, 0)}),
+        decode(22, (1780, ROW), (21, 0), vae_over_the_top(1780)),
+        save(23, (1980, ROW), (22, 0), "sefi_train", size=(260, 300)),
     ]
 
     prompts = [("Scene", "a photo of sks standing in front of the Eiffel Tower at sunset"),
                ("Action", "a photo of sks playing the guitar on a stage"),
                ("Facial attributes", "a close-up photo of an old sks laughing, grey hair")]
+    rows = [ROW, ROW + 305, ROW + 610]
+    route = lambda x, socket, k: bus(x, *[socket_y(y, socket) for y in rows[:k + 1]])
+    generations = []
+    for k, ((title, text), y) in enumerate(zip(prompts, rows)):
+        i = 10 + 10 * k
+        generations += [
+            positive(i, (820, y), (3, 1, route(715, 0, k)), text, title=title),
+            sampler(i + 1, (1220, y), {"model": (3, 0, route(690, 0, k)), "positive": (i, 0),
+                                       "negative": (4, 0, route(740, 2, k)), "latent_image": (5, 0, route(765, 3, k))}),
+            decode(i + 2, (1540, y), (i + 1, 0), (1, 2, route(790, 1, k))),
+            save(i + 3, (1740, y), (i + 2, 0), f"sefi_{title.split()[0].lower()}", size=(260, 262)),
+        ]
     out["2_saved_identity_prompts"] = [
-        Note(100, (0, -200), "Generate with a saved identity\n\nPick the identity file, then write prompts with its "
-             "trigger. The three rows show a scene, an action and facial attributes (age, expression, hair) side by "
-             "side, the paper's three kinds of prompt. Lower 'strength' (0.7-0.9) or raise 'start_percent' (0.1-0.3) "
-             "if the prompt is not followed; raise strength for more likeness."),
-        ckpt, load_identity(2, (0, 360), "my_identity.safetensors"),
-        apply(3, (380, 330), m, c, (2, 0)),
-        negative(4, (380, 560), (3, 1)), latent(5, (380, 700)),
-        *[n for k, (title, text) in enumerate(prompts)
-          for n in generate(Node, Note, 10 + 10 * k, 820, 200 + 380 * k, (3, 0), (3, 1), v, text, 4, (5, 0),
-                            f"sefi_{title.split()[0].lower()}", title=title)],
+        identity_note(100, "Generate with a saved identity: pick the identity file, then write prompts with its trigger. "
+                      "The three rows show a scene, an action and facial attributes (age, expression, hair) side by side, "
+                      "the paper's three kinds of prompt. Lower 'strength' (0.7-0.9) or raise 'start_percent' (0.1-0.3) "
+                      "if the prompt is not followed; raise strength for more likeness."),
+        ckpt, load_identity(2, (0, 310), "my_identity.safetensors"),
+        apply(3, (360, ROW), m, c, (2, 0)),
+        negative(4, (360, 400), c), latent(5, (360, 560)),
+        *generations,
     ]
 
     out["3_two_identities"] = [
-        Note(100, (0, -200), "Two identities in one image\n\nTrain each person separately (paper Fig. 8), then chain "
-             "two SeFi Apply Stage Tokens nodes with different triggers ('sks' and 'zwx') and name both in one prompt."),
-        ckpt, load_identity(2, (0, 360), "my_identity.safetensors"), load_identity(3, (0, 480), "friend.safetensors"),
-        apply(4, (380, 330), m, c, (2, 0), trigger="sks"),
-        apply(5, (380, 570), (4, 0), (4, 1), (3, 0), trigger="zwx"),
-        negative(6, (760, 640), (5, 1)), latent(7, (760, 780)),
-        *generate(Node, Note, 10, 760, 200, (5, 0), (5, 1), v, "a photo of sks and zwx having coffee together in a cafe",
-                  6, (7, 0), "sefi_two"),
+        identity_note(100, "Two identities in one image: train each person separately (paper Fig. 8), then chain two "
+                      "SeFi Apply Stage Tokens nodes with different triggers ('sks' and 'zwx') and name both in one "
+                      "prompt.", files="my_identity.safetensors and friend.safetensors (trigger 'zwx')"),
+        ckpt, load_identity(2, (0, 310), "my_identity.safetensors"), load_identity(3, (0, 440), "friend.safetensors"),
+        apply(4, (360, ROW), m, c, (2, 0), trigger="sks"),
+        apply(5, (700, ROW), (4, 0), (4, 1), (3, 0, [(680, 380)]), trigger="zwx"),
+        positive(6, (1040, ROW), (5, 1), "a photo of sks and zwx having coffee together in a cafe"),
+        negative(7, (1040, 330), (5, 1), width=360), latent(8, (1040, 480)),
+        sampler(9, (1440, ROW), {"model": (5, 0), "positive": (6, 0), "negative": (7, 0), "latent_image": (8, 0)}),
+        decode(10, (1760, ROW), (9, 0), vae_over_the_top(1760)),
+        save(11, (1960, ROW), (10, 0), "sefi_two"),
     ]
 
     out["4_face_inpainting"] = [
-        Note(100, (0, -260), "Personalized face inpainting (the PVA task)\n\nLoad a photo, right-click Load Image > "
-             "Open in MaskEditor and paint over the face. ComfyUI's own VAE Encode (for Inpainting) keeps everything "
-             "outside the mask; the prompt with the trigger repaints the face as that person. Works with an ordinary "
-             "SD1.x checkpoint; with the SD1.5 inpainting checkpoint use InpaintModelConditioning instead."),
-        ckpt, load_identity(2, (0, 360), "my_identity.safetensors"),
-        apply(3, (380, 330), m, c, (2, 0)),
-        Node(4, "LoadImage", (0, 480), {"image": "example.png"}, size=(330, 330), title="Photo (paint the face mask)"),
-        Node(5, "VAEEncodeForInpaint", (380, 560), {"grow_mask_by": 6}, {"pixels": (4, 0), "vae": v, "mask": (4, 1)},
-             size=(320, 100)),
-        negative(6, (380, 710), (3, 1)),
-        *generate(Node, Note, 10, 760, 200, (3, 0), (3, 1), v, "a photo of sks smiling", 6, (5, 0), "sefi_inpaint"),
+        identity_note(100, "Personalized face inpainting (the PVA task): load a photo, right-click Load Image > Open in "
+                      "MaskEditor and paint over the face (an empty mask is an error). ComfyUI's own VAE Encode (for "
+                      "Inpainting) keeps everything outside the mask; the prompt with the trigger repaints the face as "
+                      "that person. With the SD1.5 inpainting checkpoint use InpaintModelConditioning instead."),
+        ckpt, load_identity(2, (0, 310), "my_identity.safetensors"),
+        Node(4, "LoadImage", (0, 440), {"image": "example.png"}, size=(320, 360), title="Photo (paint the face mask)"),
+        apply(3, (360, ROW), m, c, (2, 0)),
+        positive(10, (700, ROW), (3, 1), "a photo of sks smiling"),
+        negative(6, (700, 330), (3, 1), width=360),
+        Node(5, "VAEEncodeForInpaint", (700, 480), {"grow_mask_by": 6},
+             {"pixels": (4, 0), "vae": (1, 2, [(340, 400)]), "mask": (4, 1)},
+             size=(360, 100)),
+        sampler(11, (1100, ROW), {"model": (3, 0), "positive": (10, 0), "negative": (6, 0), "latent_image": (5, 0)}),
+        decode(12, (1420, ROW), (11, 0), vae_over_the_top(1420)),
+        save(13, (1620, ROW), (12, 0), "sefi_inpaint", size=(400, 420)),
     ]
 
     prompt = "a photo of sks enjoying a cup of latte"
-    preview = lambda i, pos, model, clip, title: Node(
-        i, "SefiAttentionMapPreview", pos, {"prompt": prompt, "words": "sks, cup, latte"},
-        {"model": model, "clip": clip, "image": (22, 0), "vae": v}, size=(360, 300), title=title)
+    below = 700  # a corridor under the first row, for the plain model and CLIP of the "without" preview
+    preview = lambda i, x, model, clip, vae, title: Node(
+        i, "SefiAttentionMapPreview", (x, ROW), {"prompt": prompt, "words": "sks, cup, latte"},
+        {"model": model, "clip": clip, "latent": (21, 0), "vae": vae}, size=(400, 500), title=title)
     out["5_attention_preview"] = [
-        Note(100, (0, -230), "See where each word attends\n\nThe same prompt and image, analysed with and without the "
-             "identity. A good identity attends to the face and leaves 'cup' and 'latte' their own regions (paper Fig. 1, "
-             "Fig. 6); an overfit one covers the whole picture. Use it to tune strength and start/end percent."),
-        ckpt, load_identity(2, (0, 360), "my_identity.safetensors"),
-        apply(3, (380, 330), m, c, (2, 0)),
-        negative(4, (380, 560), (3, 1)), latent(5, (380, 700)),
-        *generate(Node, Note, 20, 760, 200, (3, 0), (3, 1), v, prompt, 4, (5, 0), "sefi_preview"),
-        preview(30, (760, 600), (3, 0), (3, 1), "With the identity"),
-        preview(31, (1160, 600), m, c, "Without (plain model and CLIP)"),
-        Node(32, "PreviewImage", (760, 940), {}, {"images": (30, 0)}, size=(380, 300)),
-        Node(33, "PreviewImage", (1160, 940), {}, {"images": (31, 0)}, size=(380, 300)),
+        identity_note(100, "See where each word attends: the same prompt and generated image, analysed with and without "
+                      "the identity. A good identity attends to the face and leaves 'cup' and 'latte' their own regions "
+                      "(paper Fig. 1, Fig. 6); an overfit one covers the whole picture. Use it to tune strength and "
+                      "start/end percent."),
+        ckpt, load_identity(2, (0, 310), "my_identity.safetensors"),
+        apply(3, (360, ROW), m, c, (2, 0)),
+        negative(4, (360, 400), c), latent(5, (360, 560)),
+        positive(20, (700, ROW), (3, 1), prompt),
+        sampler(21, (1100, ROW), {"model": (3, 0), "positive": (20, 0), "negative": (4, 0), "latent_image": (5, 0)}),
+        preview(30, 1420, (3, 0), (3, 1), (1, 2, [(340, top), (1396, top)]), "With the identity"),
+        preview(31, 1860, (1, 0, [(340, below), (1836, below)]), (1, 1, [(352, below + 16), (1836, below + 16)]),
+                (1, 2, [(340, top), (1396, top), (1836, top)]), "Without (plain model and CLIP)"),
+        decode(22, (1420, 760), (21, 0), (1, 2, [(340, top), (1396, top)])),
+        save(23, (1620, 760), (22, 0), "sefi_preview", size=(260, 260)),
     ]
     return out
+
+
+def saved_view(workflow: dict) -> dict:
+    """The view that shows the whole graph, Notes included, at SCALE from the top-left corner."""
+    left = min(n["pos"][0] for n in workflow["nodes"])
+    top = min(n["pos"][1] for n in workflow["nodes"]) - TITLE
+    return {"scale": SCALE, "offset": [MARGIN / SCALE - left, MARGIN / SCALE - top]}
 
 
 def main() -> None:
@@ -135,7 +182,9 @@ def main() -> None:
     host = Host(comfy_path, ROOT, tempfile.mkdtemp(prefix="sefi-workflows-"))
     for name, items in workflows(Node, Note).items():
         path = ROOT / "workflows" / f"{name}.json"
-        path.write_text(json.dumps(build(items, host.nodes.NODE_CLASS_MAPPINGS), indent=1) + "\n")
+        workflow = build(items, host.nodes.NODE_CLASS_MAPPINGS)
+        workflow["extra"]["ds"] = saved_view(workflow)
+        path.write_text(json.dumps(workflow, indent=1) + "\n")
         print(f"wrote {path.relative_to(ROOT)}")
 
 

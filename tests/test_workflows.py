@@ -84,3 +84,49 @@ def test_workflow_runs_end_to_end(host, path):
     assert result.success, result.error or result.node_errors
     images = [i for out in result.outputs.values() for i in out.get("images", [])]
     assert images, "the workflow produced no image"
+
+
+# Smallest sizes the frontend (1.27.10) draws these nodes at (LGraphNode.computeSize, measured in headless Chromium
+# with tests/sefi_testkit/frontend.py); a saved size below it would be enlarged, and could then overlap a neighbour.
+MIN_SIZE = {"CheckpointLoaderSimple": (210, 98), "LoadImage": (215, 102), "SefiTrainIdentity": (228, 382),
+            "SefiApplyStageTokens": (210, 170), "CLIPTextEncode": (211, 88), "EmptyLatentImage": (210, 106),
+            "KSampler": (210, 262), "VAEDecode": (140, 46), "SaveImage": (210, 58), "SefiLoadIdentity": (210, 78),
+            "VAEEncodeForInpaint": (213, 98), "SefiAttentionMapPreview": (213, 264), "Note": (210, 88)}
+TITLE = 30  # the title bar is drawn above a node's position
+CANVAS = (1856, 870)  # the canvas of a maximised browser on a 1920x1080 screen, below ComfyUI's menu bar
+
+
+def rect(node):
+    (x, y), (w, h) = node["pos"], node["size"]
+    return x, y - TITLE, x + w, y + h
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_opens_ready_to_read(path):
+    """Every node at least as big as the frontend draws it, none overlapping, the whole graph (Notes first) inside
+    the saved view at 80% or more, every wire running left to right."""
+    workflow = load(path)
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    for node in nodes.values():
+        w, h = MIN_SIZE[node["type"]]
+        assert node["size"][0] >= w and node["size"][1] >= h, f"{node['type']} {node['id']} is smaller than drawn"
+    boxes = [(n["id"], rect(n)) for n in nodes.values()]
+    for i, (a, (ax0, ay0, ax1, ay1)) in enumerate(boxes):
+        for b, (bx0, by0, bx1, by1) in boxes[i + 1:]:
+            assert ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0, f"nodes {a} and {b} overlap"
+    view = workflow["extra"]["ds"]
+    assert view["scale"] >= 0.8
+    left, top = -view["offset"][0], -view["offset"][1]
+    right, bottom = left + CANVAS[0] / view["scale"], top + CANVAS[1] / view["scale"]
+    for node_id, (x0, y0, x1, y1) in boxes:
+        assert left <= x0 and x1 <= right and top <= y0 and y1 <= bottom, f"node {node_id} is outside the saved view"
+    for link_id, source, _, target, *_ in workflow["links"]:
+        assert rect(nodes[source])[2] <= rect(nodes[target])[0], f"link {link_id} runs right to left"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS[1:], ids=lambda p: p.stem)
+def test_workflows_with_saved_identities_say_which_files_and_how_to_make_them(path):
+    notes = sorted((n for n in load(path)["nodes"] if n["type"] == "Note"), key=lambda n: (n["pos"][1], n["pos"][0]))
+    files = {n["widgets_values"][0] for n in load(path)["nodes"] if n["type"] == "SefiLoadIdentity"}
+    first = notes[0]["widgets_values"][0]
+    assert all(f in first for f in files) and "workflow 1_train_and_generate" in first

@@ -45,7 +45,10 @@ class Node:
     type: str
     pos: tuple[int, int]
     widgets: dict = field(default_factory=dict)  # input name -> value (defaults otherwise)
-    links: dict = field(default_factory=dict)  # input name -> (source node id, output slot)
+    # input name -> (source node id, output slot), or (source node id, output slot, [(x, y), ...]): the link runs through
+    # the frontend's own reroute points (LiteGraph native reroutes) at those positions. Links from one output that
+    # pass the same points share those reroutes, like a bus.
+    links: dict = field(default_factory=dict)
     size: tuple[int, int] = (320, 160)
     title: str | None = None
 
@@ -58,23 +61,38 @@ class Note:
     size: tuple[int, int] = (360, 180)
 
 
-def build(items: list, registry) -> dict:
-    """A saved workflow from Node and Note descriptions."""
-    links, link_id = [], 0
+def build(items: list, registry, view: dict | None = None) -> dict:
+    """A saved workflow from Node and Note descriptions; `view` is the saved canvas view {"scale", "offset"}."""
+    links, link_id, reroutes, extensions = [], 0, {}, []
     nodes = {item.id: _node_json(item, registry) for item in items}
     for item in items:
         if not isinstance(item, Node):
             continue
         target = nodes[item.id]
-        for name, (source, slot) in item.links.items():
+        for name, (source, slot, *route) in item.links.items():
             link_id += 1
             socket = next(i for i in target["inputs"] if i["name"] == name)
             kind = nodes[source]["outputs"][slot]["type"]
             socket["link"] = link_id
             nodes[source]["outputs"][slot]["links"].append(link_id)
             links.append([link_id, source, slot, item.id, target["inputs"].index(socket), kind])
+            parent = None
+            for point in (route[0] if route else []):
+                key = (source, slot, tuple(point))
+                if key not in reroutes:
+                    reroutes[key] = {"id": len(reroutes) + 1, "parentId": parent, "pos": list(point), "linkIds": []}
+                if reroutes[key]["parentId"] != parent:
+                    raise ValueError(f"reroute {point} of output {source}:{slot} is reached from two directions")
+                reroutes[key]["linkIds"].append(link_id)
+                parent = reroutes[key]["id"]
+            if parent is not None:
+                extensions.append({"id": link_id, "parentId": parent})
+    extra = {"ds": view or {"scale": 0.8, "offset": [0, 0]}}
+    if reroutes:
+        extra.update(reroutes=[{k: v for k, v in r.items() if v is not None} for r in reroutes.values()],
+                     linkExtensions=extensions)
     return {"last_node_id": max(nodes), "last_link_id": link_id, "nodes": list(nodes.values()), "links": links,
-            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+            "groups": [], "config": {}, "extra": extra, "version": 0.4}
 
 
 def _node_json(item, registry) -> dict:
