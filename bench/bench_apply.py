@@ -9,6 +9,7 @@ for the step ratio is <= 1.03. Absolute times are printed with the device they w
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -39,14 +40,22 @@ def main() -> None:
     args = parser.parse_args()
 
     import conftest  # noqa: F401  (registers sefi_core, keeps the repo root off sys.path)
-    import comfy_probe as probe
     from sefi_testkit.comfy_env import find_comfyui
     from sefi_testkit.host import Host
 
     comfy_path = find_comfyui()
     if comfy_path is None:
         sys.exit("Set COMFYUI_PATH to a ComfyUI checkout (see README).")
-    host = Host(comfy_path, ROOT, tempfile.mkdtemp(prefix="sefi-bench-"), data_dir=ROOT / "tests" / "data")
+    work_dir = tempfile.mkdtemp(prefix="sefi-bench-")
+    try:
+        measure(args, Host(comfy_path, ROOT, work_dir, data_dir=ROOT / "tests" / "data"))
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)  # the checkpoint is 2 GB
+
+
+def measure(args, host) -> None:
+    import comfy_probe as probe
+
     model, clip, _ = host.load_checkpoint(host.checkpoint(args.preset))
     identity = probe.word_identity(clip, ["cat", "dog", "car", "tree", "house"], ["house", "tree", "car", "dog", "cat"])
     patched_model, patched_clip = probe.apply(host, model, clip, identity)

@@ -256,7 +256,8 @@ def _with_stage_entry(cond: dict) -> dict:
     else:
         length = context.shape[1] if context is not None else 77
         entries = {COND_KEY: StageContextCond(None, (), length)}
-    # Other consumers (a ControlNet's own context, crossattn_controlnet) see the class word.
+    # Every cross-attention tensor goes on plain: the UNet gets the identity through the injector, other consumers
+    # (a ControlNet's crossattn_controlnet) see the class word.
     plain = {key: entry._copy_with(entry.cond.plain()) for key, entry in model_conds.items()
              if isinstance(getattr(entry, "cond", None), IdentityContext)}
     return {**cond, "model_conds": {**model_conds, **plain, **entries}}

@@ -12,13 +12,11 @@ from ..sefi_core.identity import (Identity, IdentityError, save_identity, valida
                                  validate_trigger)
 from ..sefi_core.losses import ATTENTION_OPTIONS
 from ..sefi_core.plot import loss_curve_image, smoothed, smoothing_span
-from ..sefi_core.train import TrainSettings, train_tokens
+from ..sefi_core.train import TrainSettings
 from . import host
-from .training import HostTrainer, frozen
+from .training import CHECKPOINTING_MODES, run_training
 
 log = logging.getLogger(__name__)
-AUGMENTED_VIEWS = 32  # augmented copies VAE-encoded once up front, then drawn at random each step
-CHECKPOINTING_MODES = ("auto", "on", "off")
 MIN_IMAGE_SIDE = 64  # pixels; below this there is no face to learn
 MAX_ASPECT = 4.0  # the centre square of a thinner image holds little of it
 
@@ -37,6 +35,34 @@ def check_image(image: torch.Tensor) -> None:
     if max(height, width) / min(height, width) > MAX_ASPECT:
         log.warning("SeFi: the image is %dx%d; training uses its centre square, which holds little of so thin a "
                     "picture. Crop the photo around the subject for a better identity.", width, height)
+
+
+def check_choices(kv_pairs: str, attention_loss: str, gradient_checkpointing: str) -> None:
+    """The frontend does not check V3 combo values: an old workflow can hand over shifted ones."""
+    if attention_loss not in ATTENTION_OPTIONS or kv_pairs not in ("1", "5", "10") \
+            or gradient_checkpointing not in CHECKPOINTING_MODES:
+        raise ValueError(f"kv_pairs {kv_pairs!r} / attention_loss {attention_loss!r} / gradient_checkpointing "
+                         f"{gradient_checkpointing!r}: choose kv_pairs 1, 5 or 10, attention_loss one of "
+                         f"{list(ATTENTION_OPTIONS)} and gradient_checkpointing one of {list(CHECKPOINTING_MODES)} "
+                         "(an old workflow may have shifted values).")
+
+
+def progress_reporter(total_steps: int, node_id: str | None):
+    """on_step for the training loop: the progress bar every step (Cancel is checked there), the smoothed loss as
+    the node's text whenever new losses were read back."""
+    progress, shown = comfy.utils.ProgressBar(total_steps), [0]
+    span = smoothing_span(total_steps)
+
+    def on_step(step, losses):
+        progress.update_absolute(step + 1, total_steps)
+        if len(losses) > shown[0]:
+            shown[0] = len(losses)
+            loss = smoothed(losses[-10 * span:], span)[-1]  # older steps weigh < e^-20
+            host.show_text_on_node(node_id, f"step {len(losses)}/{total_steps}: loss {loss:.4f} (smoothed)")
+            if len(losses) % 100 == 0 or len(losses) == total_steps:
+                log.info("SeFi training step %d/%d loss %.4f (smoothed)", len(losses), total_steps, loss)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+    return on_step
 
 
 class WrittenFiles:
@@ -139,17 +165,12 @@ class SefiTrainIdentity(io.ComfyNode):
         class_word = validate_class_word(class_word)
         trigger = validate_trigger(trigger, class_word)
         check_image(image)
-        if attention_loss not in ATTENTION_OPTIONS or kv_pairs not in ("1", "5", "10") \
-                or gradient_checkpointing not in CHECKPOINTING_MODES:
-            raise ValueError(f"kv_pairs {kv_pairs!r} / attention_loss {attention_loss!r} / gradient_checkpointing "
-                             f"{gradient_checkpointing!r}: choose kv_pairs 1, 5 or 10, attention_loss one of "
-                             f"{list(ATTENTION_OPTIONS)} and gradient_checkpointing one of {list(CHECKPOINTING_MODES)} "
-                             "(an old workflow may have shifted values).")
+        check_choices(kv_pairs, attention_loss, gradient_checkpointing)
         settings = TrainSettings(steps=steps, learning_rate=learning_rate, attention_weight=attention_weight, seed=seed,
                                  resolution=resolution, stage_count=int(kv_pairs),
                                  attention_option=ATTENTION_OPTIONS[attention_loss])
-        result = cls.train(model, clip, vae, image, trigger, class_word, settings, gradient_checkpointing,
-                           cls.hidden.unique_id if cls.hidden else None)
+        on_step = progress_reporter(settings.steps, cls.hidden.unique_id if cls.hidden else None)
+        result = run_training(model, clip, vae, image, trigger, class_word, settings, gradient_checkpointing, on_step)
         identity = Identity(result.k_tokens, result.v_tokens, trigger, class_word,
                             base_model=host.model_fingerprint(clip), training=settings.as_metadata())
         save_identity(identity, path, overwrite=overwrite)
@@ -157,53 +178,3 @@ class SefiTrainIdentity(io.ComfyNode):
         log.info("SeFi: saved identity %s (final loss %.4f)", path, result.losses[-1])
         curve = torch.from_numpy(loss_curve_image(result.losses, settings.steps)).unsqueeze(0)
         return io.NodeOutput(identity, curve, ui=ui.PreviewImage(curve, cls=cls))
-
-    @staticmethod
-    def train(model, clip, vae, image, trigger, class_word, settings, checkpointing="auto", node_id=None):
-        progress = comfy.utils.ProgressBar(settings.steps)
-        shown = [0]  # how many losses the node's text has shown
-
-        def on_step(step, losses):
-            progress.update_absolute(step + 1, settings.steps)
-            if len(losses) > shown[0]:  # new losses are read back every few steps
-                shown[0] = len(losses)
-                span = smoothing_span(settings.steps)
-                loss = smoothed(losses[-10 * span:], span)[-1]  # older steps weigh < e^-20
-                host.show_text_on_node(node_id, f"step {len(losses)}/{settings.steps}: loss {loss:.4f} (smoothed)")
-                if len(losses) % 100 == 0 or len(losses) == settings.steps:
-                    log.info("SeFi training step %d/%d loss %.4f (smoothed)", len(losses), settings.steps, loss)
-            comfy.model_management.throw_exception_if_processing_interrupted()
-
-        trainer = HostTrainer(model, clip, trigger, class_word, settings.attention_option, checkpointing == "on")
-        # frozen() outside: the executor's inference mode is the only place the flags may be set back.
-        with frozen(model.model, clip.cond_stage_model), torch.inference_mode(False), torch.enable_grad():
-            try:
-                trainer.load()
-                generator = torch.Generator().manual_seed(settings.seed)
-                samples = trainer.training_samples(image, vae, settings.resolution,
-                                                   min(AUGMENTED_VIEWS, settings.steps), generator)
-                trainer.find_loss_layers(samples[0][0])
-                while True:
-                    try:
-                        return train_tokens(settings, trainer.class_embedding, samples, trainer.encode_kv, trainer.denoise,
-                                            on_step, device=trainer.device, compute_dtype=trainer.dtype)
-                    except comfy.model_management.OOM_EXCEPTION:
-                        if checkpointing != "auto" or trainer.checkpointing.enabled:
-                            raise OutOfMemory(settings.resolution, trainer.checkpointing.enabled) from None
-                    # Out of memory in 'auto': start again with checkpointing, outside the except block so that
-                    # the failed step's tensors can be freed first.
-                    log.warning("SeFi: out of GPU memory at %d px; starting again with gradient checkpointing.",
-                                settings.resolution)
-                    trainer.checkpointing.enabled = True
-                    comfy.model_management.soft_empty_cache()
-            finally:
-                trainer.release()
-
-
-class OutOfMemory(RuntimeError):
-    def __init__(self, resolution: int, checkpointing: bool):
-        advice = "close other programs using the GPU" if checkpointing else \
-            "set 'gradient_checkpointing' to 'on' (or 'auto')"
-        super().__init__(f"SeFi Train Identity ran out of GPU memory at {resolution} px with gradient checkpointing "
-                         f"{'on' if checkpointing else 'off'}. Lower 'resolution' (e.g. {max(256, resolution - 128)}) or "
-                         f"{advice}. Nothing was saved; the loaded model is unchanged.")

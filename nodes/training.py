@@ -13,6 +13,7 @@ fp16 runs get loss scaling (sefi_core.train.loss_scaler).
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +27,13 @@ import comfy.patcher_extension
 from ..sefi_core.augment import as_rgb, augment, center_square
 from ..sefi_core.losses import attention_loss, token_mask
 from ..sefi_core.prompt_tokens import mark_triggers
-from ..sefi_core.train import PROMPT_TEMPLATES
+from ..sefi_core.train import PROMPT_TEMPLATES, TrainResult, TrainSettings, train_tokens
 from .host import OPTIONS_KEY, StageKVInjector, word_embedding, word_token_ids
 
+log = logging.getLogger(__name__)
 _SLOT = object()  # marks the trigger's slot while building training prompts
+AUGMENTED_VIEWS = 32  # augmented copies VAE-encoded once up front, then drawn at random each step
+CHECKPOINTING_MODES = ("auto", "on", "off")
 
 
 def _identity(weight):
@@ -257,3 +261,43 @@ def _hooks(modules, hook):
     finally:
         for h in handles:
             h.remove()
+
+
+def run_training(model, clip, vae, image, trigger: str, class_word: str, settings: TrainSettings,
+                 checkpointing: str = "auto", on_step=lambda step, losses: None) -> TrainResult:
+    """Trains an identity on clones of the host's model and CLIP; the host model's flags come back and what training
+    loaded is given back, whether it ends, fails or is cancelled. Out of memory with checkpointing 'auto', it starts
+    again with gradient checkpointing on."""
+    trainer = HostTrainer(model, clip, trigger, class_word, settings.attention_option, checkpointing == "on")
+    # frozen() outside: the executor's inference mode is the only place the flags may be set back.
+    with frozen(model.model, clip.cond_stage_model), torch.inference_mode(False), torch.enable_grad():
+        try:
+            trainer.load()
+            generator = torch.Generator().manual_seed(settings.seed)
+            samples = trainer.training_samples(image, vae, settings.resolution,
+                                               min(AUGMENTED_VIEWS, settings.steps), generator)
+            trainer.find_loss_layers(samples[0][0])
+            while True:
+                try:
+                    return train_tokens(settings, trainer.class_embedding, samples, trainer.encode_kv, trainer.denoise,
+                                        on_step, device=trainer.device, compute_dtype=trainer.dtype)
+                except comfy.model_management.OOM_EXCEPTION:
+                    if checkpointing != "auto" or trainer.checkpointing.enabled:
+                        raise OutOfMemory(settings.resolution, trainer.checkpointing.enabled) from None
+                # Out of memory in 'auto': start again with checkpointing, outside the except block so that the
+                # failed step's tensors can be freed first.
+                log.warning("SeFi: out of GPU memory at %d px; starting again with gradient checkpointing.",
+                            settings.resolution)
+                trainer.checkpointing.enabled = True
+                comfy.model_management.soft_empty_cache()
+        finally:
+            trainer.release()
+
+
+class OutOfMemory(RuntimeError):
+    def __init__(self, resolution: int, checkpointing: bool):
+        advice = "close other programs using the GPU" if checkpointing else \
+            "set 'gradient_checkpointing' to 'on' (or 'auto')"
+        super().__init__(f"SeFi Train Identity ran out of GPU memory at {resolution} px with gradient checkpointing "
+                         f"{'on' if checkpointing else 'off'}. Lower 'resolution' (e.g. {max(256, resolution - 128)}) or "
+                         f"{advice}. Nothing was saved; the loaded model is unchanged.")

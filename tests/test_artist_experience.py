@@ -3,7 +3,6 @@ and the errors a newcomer meets first."""
 import math
 
 import pytest
-import torch
 
 import comfy_probe as probe
 from test_train_identity import train_graph
