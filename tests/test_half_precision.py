@@ -2,6 +2,7 @@
 cast), half-precision CLIP, PyTorch SDPA and the host's other attention paths; emulated on the CPU through the
 host's own flags and functions (sefi_testkit.gpu_emulation). Training must work there, end to end, and its
 gradients must match fp32's."""
+import contextlib
 import sys
 
 import pytest
@@ -67,6 +68,22 @@ def test_train_save_load_apply_sample_and_preview_in_each_dtype_setup(host, setu
         assert torch.isfinite(probe.saved_latent(host, loaded)).all()
 
 
+@contextlib.contextmanager
+def host_trainer(host, setup):
+    """A HostTrainer on the tiny checkpoint loaded under `setup`, its clones loaded; released afterwards."""
+    training, _, _ = modules(host)
+    with gpu.emulate(setup):
+        model, clip, vae = host.load_checkpoint("tiny.safetensors")
+        trainer = training.HostTrainer(model, clip, "sks", "person", "all")
+        with torch.inference_mode(), training.frozen(model.model, clip.cond_stage_model), \
+                torch.inference_mode(False), torch.enable_grad():
+            trainer.load()
+            try:
+                yield trainer, clip, vae
+            finally:
+                trainer.release()
+
+
 def fixed_batch(host, trainer, train, vae, t, resolution):
     image = host.nodes.LoadImage().load_image("astronaut.png")[0]
     latent, mask = trainer.training_samples(image, vae, resolution, 1, torch.Generator().manual_seed(0))[0]
@@ -85,26 +102,19 @@ def perturbed_mapper(mapper_module, class_embedding):
 def mapper_gradients(host, setup, t, resolution=64, loss_scaling=True):
     """Unscaled mapper gradients of L_KV and of lambda * L_attn on one fixed batch, computed the way the training
     loop does (the same loss terms and the same loss scaler), under `setup`."""
-    training, train, mapper_module = modules(host)
-    with gpu.emulate(setup):
-        model, clip, vae = host.load_checkpoint("tiny.safetensors")
-        trainer = training.HostTrainer(model, clip, "sks", "person", "all")
-        with torch.inference_mode(), training.frozen(model.model, clip.cond_stage_model), \
-                torch.inference_mode(False), torch.enable_grad():
-            trainer.load()
-            batch = fixed_batch(host, trainer, train, vae, t, resolution)
-            trainer.find_loss_layers(batch.latent)
-            mapper = perturbed_mapper(mapper_module, probe.embedding(clip, "person"))
-            l_kv, l_attn = train.loss_terms(mapper, batch, trainer.encode_kv, trainer.denoise,
-                                            train.even_boundaries(5))
-            scaler = train.loss_scaler(trainer.device, trainer.dtype if loss_scaling else torch.float32)
-            params = list(mapper.parameters())
-            grads = []
-            for term in (l_kv, LAMBDA * l_attn):
-                scaled = torch.autograd.grad(scaler.scale(term), params, retain_graph=True, allow_unused=True)
-                flat = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(scaled, params)])
-                grads.append(flat.double() / scaler.get_scale())
-            trainer.release()
+    _, train, mapper_module = modules(host)
+    with host_trainer(host, setup) as (trainer, clip, vae):
+        batch = fixed_batch(host, trainer, train, vae, t, resolution)
+        trainer.find_loss_layers(batch.latent)
+        mapper = perturbed_mapper(mapper_module, probe.embedding(clip, "person"))
+        l_kv, l_attn = train.loss_terms(mapper, batch, trainer.encode_kv, trainer.denoise, train.even_boundaries(5))
+        scaler = train.loss_scaler(trainer.device, trainer.dtype if loss_scaling else torch.float32)
+        params = list(mapper.parameters())
+        grads = []
+        for term in (l_kv, LAMBDA * l_attn):
+            scaled = torch.autograd.grad(scaler.scale(term), params, retain_graph=True, allow_unused=True)
+            flat = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(scaled, params)])
+            grads.append(flat.double() / scaler.get_scale())
     return grads, l_kv.item(), l_attn.item(), scaler.is_enabled()
 
 
@@ -141,31 +151,21 @@ def test_loss_scaling_keeps_fp16_gradients_from_underflowing(host):
 
 
 def train_short(host, setup, steps=20):
-    training, train, _ = modules(host)
-    with gpu.emulate(setup):
-        model, clip, vae = host.load_checkpoint("tiny.safetensors")
-        trainer = training.HostTrainer(model, clip, "sks", "person", "all")
-        with torch.inference_mode(), training.frozen(model.model, clip.cond_stage_model), \
-                torch.inference_mode(False), torch.enable_grad():
-            trainer.load()
-            image = host.nodes.LoadImage().load_image("astronaut.png")[0]
-            samples = trainer.training_samples(image, vae, 64, 8, torch.Generator().manual_seed(0))
-            trainer.find_loss_layers(samples[0][0])
-            result = train.train_tokens(train.TrainSettings(steps=steps, resolution=64), probe.embedding(clip, "person"),
-                                        samples, trainer.encode_kv, trainer.denoise, device=trainer.device,
-                                        compute_dtype=trainer.dtype)
-            trainer.release()
-    return result
+    _, train, _ = modules(host)
+    with host_trainer(host, setup) as (trainer, clip, vae):
+        image = host.nodes.LoadImage().load_image("astronaut.png")[0]
+        samples = trainer.training_samples(image, vae, 64, 8, torch.Generator().manual_seed(0))
+        trainer.find_loss_layers(samples[0][0])
+        return train.train_tokens(train.TrainSettings(steps=steps, resolution=64), probe.embedding(clip, "person"),
+                                  samples, trainer.encode_kv, trainer.denoise, device=trainer.device,
+                                  compute_dtype=trainer.dtype)
 
 
 def fixed_pair_losses(host, token_sets):
     """L_KV of each (K, V) token set on the same fixed (t, noise) pairs, all evaluated in fp32."""
-    training, train, _ = modules(host)
-    model, clip, vae = host.load_checkpoint("tiny.safetensors")
-    trainer = training.HostTrainer(model, clip, "sks", "person", "all")
+    _, train, _ = modules(host)
     out = []
-    with torch.inference_mode(), training.frozen(model.model, clip.cond_stage_model), torch.inference_mode(False):
-        trainer.load()
+    with host_trainer(host, gpu.CPU_FP32) as (trainer, clip, vae), torch.no_grad():
         image = host.nodes.LoadImage().load_image("astronaut.png")[0]
         samples = trainer.training_samples(image, vae, 64, 4, torch.Generator().manual_seed(7))
         trainer.find_loss_layers(samples[0][0])
@@ -179,7 +179,6 @@ def fixed_pair_losses(host, token_sets):
                     eps, _ = trainer.denoise(latent, noise, t, k_ctx, v_ctx, TEMPLATE)
                     total += float(train.masked_mse(eps, noise, mask))
             out.append(total / (5 * len(samples)))
-        trainer.release()
     return out
 
 
