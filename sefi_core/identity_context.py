@@ -83,16 +83,16 @@ class IdentityContext(torch.Tensor):
         carriers = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, IdentityContext)]
         if func in MODEL_OPS:
             raise IdentityReachedModel(_reached_model_message(carriers))
+        name = getattr(func, "__name__", "")
         with torch._C.DisableTorchFunctionSubclass():
-            result = func(*tree_map(_plain, args), **tree_map(_plain, kwargs))
-            name = getattr(func, "__name__", "")
             if name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.endswith("__")):
-                return _in_place_on_variants(func, args, kwargs, carriers, result)
+                return _in_place_on_variants(func, args, kwargs, carriers)
+            result = func(*tree_map(_plain, args), **tree_map(_plain, kwargs))
             if not (isinstance(result, torch.Tensor) and result.is_floating_point() and result.ndim >= 2):
                 return result  # sizes, flags, scalars: the class word's answer
             cuts = merged_cuts(carriers)
-            variants = torch.stack([torch.stack([func(*tree_map(pick, args), **tree_map(pick, kwargs))
-                                                 for _, _, pick in pair]) for pair in _by_segment(carriers, cuts)])
+            variants = torch.stack([torch.stack([func(*tree_map(pick, args), **tree_map(pick, kwargs)) for pick in pair])
+                                    for pair in _pickers(carriers, cuts)])
         triggers = tuple(dict.fromkeys(t for c in carriers for t in c.triggers))
         return IdentityContext(result, variants, cuts, triggers, pooled=all(c.pooled for c in carriers))
 
@@ -123,29 +123,28 @@ def segment_index(cuts: Sequence[float], lower_edge: float) -> int:
     return sum(1 for c in cuts if c > lower_edge)
 
 
-def _by_segment(carriers, cuts):
-    """Per merged segment, the K and V picker: replaces each operand by its variant for that segment."""
+def _pickers(carriers, cuts):
+    """Per merged segment, a K picker and a V picker: each replaces every operand by its variant for that segment."""
     segments = []
     for m in range(len(cuts) + 1):
         lower = cuts[m] if m < len(cuts) else -math.inf
         index = {id(c): segment_index(c.cuts, lower) for c in carriers}
-        segments.append([(m, kv, _picker(index, kv)) for kv in (0, 1)])
+        segments.append([_picker(index, kv) for kv in (0, 1)])
     return segments
 
 
-def _in_place_on_variants(func, args, kwargs, carriers, result):
+def _in_place_on_variants(func, args, kwargs, carriers):
     """An in-place op (x *= m, x[...] = v, x.copy_(y)) changes each of the target's variants in place too."""
     target = args[0]
-    if not isinstance(target, IdentityContext):
-        if carriers:  # writing an identity's tensor into a plain one would drop the identity
-            raise ValueError("SeFi: a conditioning with an identity was written into a plain tensor in place; the "
-                             "identity would be lost. Use the conditioning itself (or ConditioningConcat/Average).")
-        return result
+    if not isinstance(target, IdentityContext):  # writing an identity's tensor into a plain one would drop it
+        raise ValueError("SeFi: a conditioning with an identity was written into a plain tensor in place; the "
+                         "identity would be lost. Use the conditioning itself (or ConditioningConcat/Average).")
     if merged_cuts(carriers) != target.cuts:
         raise ValueError("SeFi: two identities with different stage boundaries were combined in place; combine them "
                          "with ConditioningConcat or ConditioningAverage instead.")
-    for pair in _by_segment(carriers, target.cuts):
-        for _, _, pick in pair:
+    func(*tree_map(_plain, args), **tree_map(_plain, kwargs))
+    for pair in _pickers(carriers, target.cuts):
+        for pick in pair:
             func(*tree_map(pick, args), **tree_map(pick, kwargs))
     return target
 
