@@ -54,6 +54,11 @@ def workflows(Node, Note) -> dict[str, list]:
     apply = lambda i, pos, model, clip, identity, trigger="": Node(
         i, "SefiApplyStageTokens", pos, {**APPLY, "trigger": trigger}, {"model": model, "clip": clip, "identity": identity},
         size=(300, 180))
+    def saved_identity_columns():
+        """Checkpoint and identity file, then Apply (node 3), the negative prompt (4) and the empty latent (5)."""
+        return [ckpt, load_identity(2, (0, 310), "my_identity.safetensors"), apply(3, (360, ROW), m, c, (2, 0)),
+                negative(4, (360, 400), c), latent(5, (360, 560))]
+
     top = ROW - 45  # a corridor between the Notes and the first row's title bars, for the VAE wire
     vae_over_the_top = lambda x: (1, 2, [(340, top), (x - 24, top)])
     out = {}
@@ -100,9 +105,7 @@ def workflows(Node, Note) -> dict[str, list]:
                       "The three rows show a scene, an action and facial attributes (age, expression, hair) side by side, "
                       "the paper's three kinds of prompt. Lower 'strength' (0.7-0.9) or raise 'start_percent' (0.1-0.3) "
                       "if the prompt is not followed; raise strength for more likeness."),
-        ckpt, load_identity(2, (0, 310), "my_identity.safetensors"),
-        apply(3, (360, ROW), m, c, (2, 0)),
-        negative(4, (360, 400), c), latent(5, (360, 560)),
+        *saved_identity_columns(),
         *generations,
     ]
 
@@ -148,9 +151,7 @@ def workflows(Node, Note) -> dict[str, list]:
                       "the identity. A good identity attends to the face and leaves 'cup' and 'latte' their own regions "
                       "(paper Fig. 1, Fig. 6); an overfit one covers the whole picture. Use it to tune strength and "
                       "start/end percent."),
-        ckpt, load_identity(2, (0, 310), "my_identity.safetensors"),
-        apply(3, (360, ROW), m, c, (2, 0)),
-        negative(4, (360, 400), c), latent(5, (360, 560)),
+        *saved_identity_columns(),
         positive(20, (700, ROW), (3, 1), prompt),
         sampler(21, (1100, ROW), {"model": (3, 0), "positive": (20, 0), "negative": (4, 0), "latent_image": (5, 0)}),
         preview(30, 1420, (3, 0), (3, 1), (1, 2, [(340, top), (1396, top)]), "With the identity"),
