@@ -7,6 +7,7 @@ flag), so there can be one Host per process.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import shutil
 import sys
@@ -100,7 +101,7 @@ class Host:
         self._load_nodes()
         self.identity_dir = self._make_dir("identities")
         self.folder_paths.add_model_folder_path(IDENTITY_FOLDER, str(self.identity_dir), is_default=True)
-        self.executor = self.execution.PromptExecutor(self.server, cache_type=self.execution.CacheType.CLASSIC)
+        self.executor = _classic_executor(self.execution, self.server)
         _active_host = self
 
     # -- set-up -------------------------------------------------------------------------------
@@ -265,6 +266,15 @@ class Host:
         stem, dot, ext = name.rpartition(".")
         if dot and ext == "safetensors" and stem in PRESETS:
             self.checkpoint(stem)
+
+
+def _classic_executor(execution, server):
+    """The host's PromptExecutor with its classic cache, as `main.py --cache-classic` makes it. Newer hosts read
+    `cache_args` in every execute (RAM headroom; classic caching gives 0 GB, as main.py does), older ones lack it."""
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+        return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC,
+                                        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+    return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
 
 
 def _import_server_module() -> types.ModuleType:
