@@ -32,6 +32,12 @@ def attn2_keys(model) -> list[tuple]:
     return keys
 
 
+def check_layers(layers: str | None) -> None:
+    if layers is not None and layers not in LAYER_CHOICES:
+        raise ValueError(f"layers {layers!r} is not one of {list(LAYER_CHOICES)} (a workflow saved by an older version "
+                         "may hold another value): pick one of those on the node, then queue again.")
+
+
 class MapRecorder:
     """attn2 replace patch: computes attention as usual and keeps the head-mean maps of the first row."""
 
@@ -83,11 +89,15 @@ class SefiAttentionMapPreview(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, layers=None):
+        """Runs in the host's validator, before anything executes, in place of its own 'Value not in list'."""
+        return host.validation_result(check_layers, layers)
+
+    @classmethod
     def execute(cls, model, clip, prompt, words, at_percent, layers, seed, image=None, vae=None, latent=None) -> io.NodeOutput:
         host.check_sd1_model(model)
         host.check_sd1_clip(clip)
-        if layers not in LAYER_CHOICES:
-            raise ValueError(f"layers {layers!r} is not one of {list(LAYER_CHOICES)}.")
+        check_layers(layers)
         samples, picture = cls.inputs_to_latent(image, vae, latent)
         tokens = clip.tokenize(prompt)
         wanted = [w.strip() for w in words.split(",") if w.strip()] or prompt_words(prompt)

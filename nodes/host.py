@@ -67,6 +67,16 @@ def identity_save_dir() -> str:
 
 # ---------------------------------------------------------------- SD1.x checks
 
+def validation_result(check, *args, **kwargs):
+    """A node's `validate_inputs` answer: True, or the check's error message (the host shows it for the input and
+    runs nothing). The host then skips its own check of those inputs, whose message would not say what to do."""
+    try:
+        check(*args, **kwargs)
+    except (ValueError, FileNotFoundError) as error:
+        return str(error)
+    return True
+
+
 def check_sd1_model(model) -> None:
     config = model.model.model_config
     context_dim = config.unet_config.get("context_dim")

@@ -4,7 +4,17 @@ import os
 from comfy_api.latest import io
 
 from ..sefi_core.identity import load_identity
-from .host import SefiIdentity, identity_files, identity_path
+from .host import SefiIdentity, identity_files, identity_path, validation_result
+
+
+def check_available(identity_file: str | None) -> None:
+    available = identity_files()
+    if identity_file is not None and identity_file not in available:
+        found = ", ".join(available) if available else "none yet"
+        raise FileNotFoundError(
+            f"No identity file {identity_file!r} in models/sefi_identities (there: {found}). Train one first with "
+            "SeFi Train Identity (the workflow 1_train_and_generate does it from one photo), then press R in "
+            "ComfyUI to refresh this list, or pick one of the files there.")
 
 
 class SefiLoadIdentity(io.ComfyNode):
@@ -36,13 +46,12 @@ class SefiLoadIdentity(io.ComfyNode):
         return f"{identity_file}:{stat.st_mtime_ns}:{stat.st_size}"  # re-run when the file changes
 
     @classmethod
+    def validate_inputs(cls, identity_file=None):
+        """Runs in the host's validator, before anything executes, in place of its own 'Value not in list'."""
+        return validation_result(check_available, identity_file)
+
+    @classmethod
     def execute(cls, identity_file) -> io.NodeOutput:
-        available = identity_files()
-        if identity_file not in available:
-            found = ", ".join(available) if available else "none yet"
-            raise FileNotFoundError(
-                f"No identity file {identity_file!r} in models/sefi_identities (there: {found}). Train one first with "
-                "SeFi Train Identity (the workflow 1_train_and_generate does it from one photo), then press R in "
-                "ComfyUI to refresh this list, or pick one of the files there.")
+        check_available(identity_file)
         identity = load_identity(identity_path(identity_file))
         return io.NodeOutput(identity, identity.trigger)

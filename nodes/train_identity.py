@@ -37,14 +37,17 @@ def check_image(image: torch.Tensor) -> None:
                     "picture. Crop the photo around the subject for a better identity.", width, height)
 
 
-def check_choices(kv_pairs: str, attention_loss: str, gradient_checkpointing: str) -> None:
-    """The frontend does not check V3 combo values: an old workflow can hand over shifted ones."""
-    if attention_loss not in ATTENTION_OPTIONS or kv_pairs not in ("1", "5", "10") \
-            or gradient_checkpointing not in CHECKPOINTING_MODES:
-        raise ValueError(f"kv_pairs {kv_pairs!r} / attention_loss {attention_loss!r} / gradient_checkpointing "
-                         f"{gradient_checkpointing!r}: choose kv_pairs 1, 5 or 10, attention_loss one of "
-                         f"{list(ATTENTION_OPTIONS)} and gradient_checkpointing one of {list(CHECKPOINTING_MODES)} "
-                         "(an old workflow may have shifted values).")
+COMBO_CHOICES = {"kv_pairs": ("5", "1", "10"), "attention_loss": tuple(ATTENTION_OPTIONS),
+                 "gradient_checkpointing": CHECKPOINTING_MODES}
+
+
+def check_choices(**values) -> None:
+    """Combo values as the node lists them (a workflow saved by an older version can hold shifted ones); None is an
+    input the validator does not know yet."""
+    for name, value in values.items():
+        if value is not None and value not in COMBO_CHOICES[name]:
+            raise ValueError(f"{name} {value!r} is not one of {list(COMBO_CHOICES[name])} (a workflow saved by an older "
+                             f"version may hold shifted values): pick one of those on the node, then queue again.")
 
 
 def progress_reporter(total_steps: int, node_id: str | None):
@@ -144,6 +147,12 @@ class SefiTrainIdentity(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, kv_pairs=None, attention_loss=None, gradient_checkpointing=None):
+        """Runs in the host's validator, before anything executes, in place of its own 'Value not in list'."""
+        return host.validation_result(check_choices, kv_pairs=kv_pairs, attention_loss=attention_loss,
+                                      gradient_checkpointing=gradient_checkpointing)
+
+    @classmethod
     def fingerprint_inputs(cls, name, **kwargs):
         try:
             return cls.written_files.fingerprint(os.path.join(host.identity_save_dir(), validate_identity_name(name)))
@@ -165,7 +174,7 @@ class SefiTrainIdentity(io.ComfyNode):
         class_word = validate_class_word(class_word)
         trigger = validate_trigger(trigger, class_word)
         check_image(image)
-        check_choices(kv_pairs, attention_loss, gradient_checkpointing)
+        check_choices(kv_pairs=kv_pairs, attention_loss=attention_loss, gradient_checkpointing=gradient_checkpointing)
         settings = TrainSettings(steps=steps, learning_rate=learning_rate, attention_weight=attention_weight, seed=seed,
                                  resolution=resolution, stage_count=int(kv_pairs),
                                  attention_option=ATTENTION_OPTIONS[attention_loss])

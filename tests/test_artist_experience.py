@@ -47,13 +47,40 @@ def test_the_attention_preview_shows_its_maps_on_the_node(host):
     assert result.outputs["3"]["images"]
 
 
+def validation_details(result) -> str:
+    """What the host's validator says about a refused prompt, as the frontend lists it (nothing has run)."""
+    assert not result.success and not result.messages, "the prompt ran; the host's validator should have refused it"
+    return "\n".join(f"{e['details']}" for node in result.node_errors.values() for e in node["errors"])
+
+
 def test_load_identity_without_the_file_says_to_train_one_first(host):
     result = host.run(probe.txt2img_graph("a photo of sks", "blurry", identity="not_trained_yet.safetensors"))
-    assert not result.success
-    message = result.error["exception_message"]
-    assert "No identity file 'not_trained_yet.safetensors' in models/sefi_identities" in message
+    details = validation_details(result)
+    assert "No identity file 'not_trained_yet.safetensors' in models/sefi_identities" in details
     assert ("Train one first with SeFi Train Identity (the workflow 1_train_and_generate does it from one photo), then "
-            "press R in ComfyUI to refresh this list") in message
+            "press R in ComfyUI to refresh this list") in details
+    assert "not in [" not in details  # the host's own 'Value not in list' says nothing of what to do
+
+
+@pytest.mark.parametrize("name, stale", [("kv_pairs", "7"), ("attention_loss", "0.003"),
+                                         ("gradient_checkpointing", "yes")])
+def test_a_stale_training_choice_in_an_old_workflow_names_the_choices(host, name, stale):
+    graph = train_graph("stale_choice", steps=2)
+    graph["3"]["inputs"][name] = stale
+    details = validation_details(host.run(graph))
+    assert f"{name} {stale!r} is not one of" in details and "pick one of those on the node" in details
+
+
+def test_a_stale_preview_layer_choice_names_the_choices(host):
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "4": {"class_type": "SefiAttentionMapPreview", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "prompt": "a photo of a person", "words": "", "at_percent": 0.5,
+            "layers": "32x32", "seed": 0, "latent": ["3", 0]}},
+    }
+    details = validation_details(host.run(graph))
+    assert "layers '32x32' is not one of [" in details and "all layers" in details
 
 
 def test_inpainting_with_an_empty_mask_is_an_error(host):
