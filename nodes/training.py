@@ -5,6 +5,11 @@ so every weight gets an identity weight wrapper on a clone (a fresh copy per for
 save); CLIPLayer adds in place, so the clone's CLIP layers get an out-of-place forward; parameters are
 shared with the host, so their requires_grad flags are switched off for the run and restored after.
 
+Dynamic VRAM (the host's default on NVIDIA since v0.15): a ModelPatcherDynamic keeps the weights in host memory
+and casts each layer into reused GPU buffers as it runs, so a weight autograd saved for backward may already hold
+another layer's values, and `layer.weight` may sit on the CPU while the layer runs on the GPU. Training therefore
+works on clones whose weights are resident and real on the training device for the whole run (`resident_clones`).
+
 Precision: the UNet computes in whatever dtype the host loaded it for (fp16/bf16 on GPUs, no cast to
 fp32); the K/V contexts are cast to it on the way in. The face-wise attention loss is computed in fp32
 from fp32 contexts, outside the UNet (its gradient is ~1e-3 of L_KV's and would vanish in fp16), and
@@ -13,6 +18,7 @@ fp16 runs get loss scaling (sefi_core.train.loss_scaler).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 
 import torch
@@ -108,12 +114,57 @@ def _checkpointed(forward):
     return run
 
 
+def _accepts(function, name: str) -> bool:
+    return name in inspect.signature(function).parameters
+
+
+def resident_clones(model, clip):
+    """Clones of the host's MODEL and CLIP whose weights a full load puts on the training device, as real tensors.
+
+    Of the host's three ways (v0.33 model_patcher.py), `clone(disable_dynamic=True)` is the one that fits: on a
+    classic patcher it is a plain clone sharing the loaded weights (no copy, nothing reloaded); on a dynamic one it
+    reloads the model through the loader's `cached_patcher_init` into a classic ModelPatcher, whose full load makes
+    every weight resident, so no weight goes through aimdo's shared cast buffers. `get_non_dynamic_delegate()` does
+    the same but caches the copy on the patcher we received (an input left changed, a second model kept alive);
+    `clone(force_deepcopy=True)` is for trainers that change weights (core's LoRA trainer) and stays dynamic.
+    Hosts from before dynamic VRAM (v0.3.x) have no such argument: there a plain clone is already classic."""
+    if not _accepts(type(model).clone, "disable_dynamic"):
+        return model.clone(), clip.clone()
+    try:
+        model_clone, clip_clone = model.clone(disable_dynamic=True), clip.clone(disable_dynamic=True)
+    except RuntimeError as error:  # a dynamic MODEL/CLIP from a loader that gave no way to reload it
+        raise RuntimeError(
+            f"SeFi Train Identity cannot train on this MODEL/CLIP under ComfyUI's dynamic VRAM ({error}). Connect the "
+            "outputs of Load Checkpoint directly, or start ComfyUI with --disable-dynamic-vram.") from None
+    # CLIP.clone keeps the original encoder beside the new patcher: encode through the patcher's (reloaded) one.
+    clip_clone.cond_stage_model = clip_clone.patcher.model
+    return model_clone, clip_clone
+
+
+def check_resident(patcher, device) -> None:
+    """Every weight of a loaded training clone on the training device (else layers would be cast per call)."""
+    elsewhere = {str(p.device) for p in patcher.model.parameters() if p.device != torch.device(device)}
+    if elsewhere:
+        raise RuntimeError(f"ComfyUI kept part of the model on {', '.join(sorted(elsewhere))} instead of {device} "
+                           "(low-VRAM loading), which training cannot use. Lower 'resolution', close other programs "
+                           "using the GPU, or start ComfyUI with --disable-dynamic-vram --normalvram.")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Every allocation failure the host can raise: torch's OOM, CUDA errors the host counts as OOM (`is_oom`,
+    newer hosts), and aimdo's MemoryError ('VBAR allocation failed')."""
+    mm = comfy.model_management
+    if isinstance(error, (mm.OOM_EXCEPTION, MemoryError)):
+        return True
+    return bool(getattr(mm, "is_oom", lambda e: False)(error))
+
+
 class HostTrainer:
-    """The host-specific callables `sefi_core.train.train_tokens` needs, built on clones of the inputs."""
+    """The host-specific callables `sefi_core.train.train_tokens` needs, built on resident clones of the inputs."""
 
     def __init__(self, model, clip, trigger: str, class_word: str, attention_option: str,
                  gradient_checkpointing: bool = False):
-        self.model, self.clip = model.clone(), clip.clone()
+        self.model, self.clip = resident_clones(model, clip)
         _wrap_weights(self.model, self.model.model)
         _wrap_weights(self.clip.patcher, self.clip.cond_stage_model)
         layers = self.clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers
@@ -133,6 +184,7 @@ class HostTrainer:
     def load(self) -> None:
         comfy.model_management.load_models_gpu([self.model, self.clip.patcher], force_full_load=True)
         self.device = self.model.load_device
+        check_resident(self.model, self.device)
         self.dtype = compute_dtype(self.model)
 
     def release(self) -> None:
@@ -212,7 +264,8 @@ class HostTrainer:
             self._apply(latent, torch.zeros_like(latent), 500, context, context)
         best = min(abs(n - target) for n in sizes.values())
         self.loss_layers = [m for m, n in sizes.items() if abs(n - target) == best]
-        self._loss_weights = {m: (_fp32_weight(m.to_q), _fp32_weight(m.to_k)) for m in self.loss_layers}
+        self._loss_weights = {m: (_fp32_weight(m.to_q, self.device), _fp32_weight(m.to_k, self.device))
+                              for m in self.loss_layers}
 
     def _apply(self, latent, noise, t, k_context, v_context):
         sigma = self.sampling.sigma(torch.tensor([float(t)], device=self.device))
@@ -244,9 +297,9 @@ class HostTrainer:
         return eps, torch.stack(losses).mean() if losses else torch.zeros((), device=eps.device)
 
 
-def _fp32_weight(linear) -> torch.Tensor:
-    """A layer's weight as fp32 (from fp16, bf16 or fp8 storage), with any host weight function applied."""
-    weight = linear.weight.float()
+def _fp32_weight(linear, device) -> torch.Tensor:
+    """A layer's weight as fp32 (from fp16, bf16 or fp8 storage) on `device`, with any host weight function applied."""
+    weight = linear.weight.to(device).float()
     for function in getattr(linear, "weight_function", []):
         weight = function(weight)
     return weight.detach().clone()
@@ -269,8 +322,9 @@ def run_training(model, clip, vae, image, trigger: str, class_word: str, setting
     loaded is given back, whether it ends, fails or is cancelled. Out of memory with checkpointing 'auto', it starts
     again with gradient checkpointing on."""
     trainer = HostTrainer(model, clip, trigger, class_word, settings.attention_option, checkpointing == "on")
-    # frozen() outside: the executor's inference mode is the only place the flags may be set back.
-    with frozen(model.model, clip.cond_stage_model), torch.inference_mode(False), torch.enable_grad():
+    # frozen() outside: the executor's inference mode is the only place the flags may be set back. The training clones'
+    # modules are the host's own, or under dynamic VRAM a reloaded copy of them: either way, those are the ones to freeze.
+    with frozen(trainer.model.model, trainer.clip.cond_stage_model), torch.inference_mode(False), torch.enable_grad():
         try:
             trainer.load()
             generator = torch.Generator().manual_seed(settings.seed)
@@ -281,15 +335,19 @@ def run_training(model, clip, vae, image, trigger: str, class_word: str, setting
                 try:
                     return train_tokens(settings, trainer.class_embedding, samples, trainer.encode_kv, trainer.denoise,
                                         on_step, device=trainer.device, compute_dtype=trainer.dtype)
-                except comfy.model_management.OOM_EXCEPTION:
-                    if checkpointing != "auto" or trainer.checkpointing.enabled:
-                        raise OutOfMemory(settings.resolution, trainer.checkpointing.enabled) from None
+                except Exception as error:
+                    if not (is_out_of_memory(error) and checkpointing == "auto" and not trainer.checkpointing.enabled):
+                        raise
                 # Out of memory in 'auto': start again with checkpointing, outside the except block so that the
                 # failed step's tensors can be freed first.
                 log.warning("SeFi: out of GPU memory at %d px; starting again with gradient checkpointing.",
                             settings.resolution)
                 trainer.checkpointing.enabled = True
                 comfy.model_management.soft_empty_cache()
+        except Exception as error:  # loading, encoding the photo, or a step: every allocation failure says what to do
+            if is_out_of_memory(error):
+                raise OutOfMemory(settings.resolution, trainer.checkpointing.enabled) from None
+            raise
         finally:
             trainer.release()
 

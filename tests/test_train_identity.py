@@ -179,38 +179,120 @@ def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_gradients(h
     torch.testing.assert_close(gradients[1], gradients[0], rtol=1e-5, atol=1e-9)
 
 
-def oom_unless_checkpointing(monkeypatch, host):
-    """Emulates a GPU without room for training without gradient checkpointing (the host's OOM exception)."""
+ALLOCATION_FAILURES = {  # what the host can raise when the GPU is full: torch's OOM, and aimdo's under dynamic VRAM
+    "torch-oom": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    "aimdo-vbar": lambda: MemoryError("VBAR allocation failed"),
+}
+
+
+def oom_unless_checkpointing(monkeypatch, host, failure="torch-oom"):
+    """Emulates a GPU without room for training without gradient checkpointing."""
     training = trainer_module(host)
     original = training.HostTrainer._apply
 
     def apply(self, *args):
         if torch.is_grad_enabled() and not self.checkpointing.enabled:  # activations kept for backward do not fit
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise ALLOCATION_FAILURES[failure]()
         return original(self, *args)
 
     monkeypatch.setattr(training.HostTrainer, "_apply", apply)
 
 
-def test_out_of_memory_in_auto_retries_with_gradient_checkpointing(host, monkeypatch, caplog):
+@pytest.mark.parametrize("failure", list(ALLOCATION_FAILURES))
+def test_out_of_memory_in_auto_retries_with_gradient_checkpointing(host, monkeypatch, caplog, failure):
     model, clip, vae = host.load_checkpoint("tiny.safetensors")
-    oom_unless_checkpointing(monkeypatch, host)
+    oom_unless_checkpointing(monkeypatch, host, failure)
     execute_training(host, model, clip, vae, "oom_auto", gradient_checkpointing="auto")
     assert load_identity(host.identity_dir / "oom_auto.safetensors").stage_count == 5
     assert "starting again with gradient checkpointing" in caplog.text
 
 
-def test_out_of_memory_without_checkpointing_says_what_to_change_and_saves_nothing(host, monkeypatch):
+OOM_MESSAGE = (r"ran out of GPU memory at 64 px with gradient checkpointing off\. Lower 'resolution' \(e\.g\. 256\) or set "
+               r"'gradient_checkpointing' to 'on' \(or 'auto'\)\. Nothing was saved; the loaded model is unchanged\.")
+
+
+@pytest.mark.parametrize("failure", list(ALLOCATION_FAILURES))
+def test_out_of_memory_without_checkpointing_says_what_to_change_and_saves_nothing(host, monkeypatch, failure):
     model, clip, vae = host.load_checkpoint("tiny.safetensors")
     flags = [p.requires_grad for p in model.model.parameters()]
-    oom_unless_checkpointing(monkeypatch, host)
-    with pytest.raises(RuntimeError, match=r"ran out of GPU memory at 64 px with gradient checkpointing off\. Lower "
-                                           r"'resolution' \(e\.g\. 256\) or set 'gradient_checkpointing' to 'on' \(or "
-                                           r"'auto'\)\. Nothing was saved; the loaded model is unchanged\."):
+    oom_unless_checkpointing(monkeypatch, host, failure)
+    with pytest.raises(RuntimeError, match=OOM_MESSAGE):
         execute_training(host, model, clip, vae, "oom_off", gradient_checkpointing="off")
     assert not list(host.identity_dir.glob("oom_off*")) and not list(host.identity_dir.glob(".sefi-*"))
     assert [p.requires_grad for p in model.model.parameters()] == flags
     assert all(p.grad is None for p in model.model.parameters())
+
+
+def test_out_of_memory_while_loading_says_what_to_change(host, monkeypatch):
+    model, clip, vae = host.load_checkpoint("tiny.safetensors")
+    training = trainer_module(host)
+
+    def load(self):
+        raise MemoryError("VBAR allocation failed")
+
+    monkeypatch.setattr(training.HostTrainer, "load", load)
+    with pytest.raises(RuntimeError, match=OOM_MESSAGE):
+        execute_training(host, model, clip, vae, "oom_load", gradient_checkpointing="off")
+    assert not list(host.identity_dir.glob("oom_load*"))
+
+
+def test_other_errors_are_not_taken_for_out_of_memory(host):
+    training = trainer_module(host)
+    assert not training.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not training.is_out_of_memory(ValueError("out of range"))
+    assert all(training.is_out_of_memory(make()) for make in ALLOCATION_FAILURES.values())
+
+
+def test_training_clones_are_classic_and_every_tensor_is_on_the_training_device(host, monkeypatch):
+    """Dynamic VRAM (v0.33 on NVIDIA) never engages on a CPU, so what can be proven here is the construction: the
+    clones are asked for with disable_dynamic=True where the host has it, are classic patchers, and after loading
+    every weight, loss weight, sample and reference the trainer uses sits on its device."""
+    model, clip, vae = host.load_checkpoint("tiny.safetensors")
+    training = trainer_module(host)
+    asked = []
+    for patcher in (model, clip):
+        real_clone = patcher.clone
+
+        def clone(*args, _real=real_clone, **kwargs):
+            asked.append(kwargs)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(patcher, "clone", clone)
+    trainer = training.HostTrainer(model, clip, "sks", "person", "all")
+    has_dynamic_vram = hasattr(host.comfy.model_patcher, "ModelPatcherDynamic")
+    assert asked == ([{"disable_dynamic": True}] * 2 if has_dynamic_vram else [{}] * 2)
+    assert type(trainer.model) is host.comfy.model_patcher.ModelPatcher
+    assert type(trainer.clip.patcher) is host.comfy.model_patcher.ModelPatcher
+    assert not has_dynamic_vram or not (trainer.model.is_dynamic() or trainer.clip.patcher.is_dynamic())
+    assert trainer.model.model is model.model  # a classic patcher: the loaded weights are shared, nothing reloaded
+    assert trainer.clip.cond_stage_model is trainer.clip.patcher.model
+    with torch.inference_mode(), training.frozen(model.model, clip.cond_stage_model), torch.inference_mode(False):
+        trainer.load()
+        image = host.nodes.LoadImage().load_image("astronaut.png")[0]
+        samples = trainer.training_samples(image, vae, 64, 2, torch.Generator().manual_seed(0))
+        trainer.find_loss_layers(samples[0][0])
+        device = torch.device(trainer.device)
+        tensors = [*trainer.model.model.parameters(), *trainer.clip.cond_stage_model.parameters(),
+                   *(t for pair in samples for t in pair), trainer.reference(0),
+                   *(w for pair in trainer._loss_weights.values() for w in pair)]
+        assert trainer.loss_layers and {t.device for t in tensors} == {device}
+        assert all(w.dtype == torch.float32 for pair in trainer._loss_weights.values() for w in pair)
+        trainer.release()
+
+
+def test_a_partly_loaded_model_is_refused_before_training(host):
+    """Low-VRAM loading leaves weights off the device, to be cast per call: training must not start on that."""
+    model, clip, vae = host.load_checkpoint("tiny.safetensors")
+    training = trainer_module(host)
+    trainer = training.HostTrainer(model, clip, "sks", "person", "all")
+    with pytest.raises(RuntimeError, match=r"ComfyUI kept part of the model on meta instead of cpu \(low-VRAM loading\)"):
+        layer = trainer.model.model.diffusion_model.out[2]
+        saved = layer.weight
+        try:
+            layer.weight = torch.nn.Parameter(torch.empty(saved.shape, device="meta"), requires_grad=False)
+            training.check_resident(trainer.model, "cpu")
+        finally:
+            layer.weight = saved
 
 
 def test_training_gives_back_what_it_loaded(host):
