@@ -35,3 +35,19 @@ def test_host_marker_selects_the_host_free_part():
     result = run_pytest("tests/test_core_stages.py", HOST_TEST, "-q", "-m", "not host")
     assert result.returncode == 0, result.stdout
     assert "1 deselected" in result.stdout and "skipped" not in result.stdout
+
+
+@pytest.mark.parametrize("present, missing", [("0.3.64", "0.33.0"), ("0.33.0", "0.3.64")])
+def test_ci_run_fails_in_seconds_when_either_host_tarball_is_missing(tmp_path, present, missing):
+    """.ci/run proves both supported hosts: with one tarball absent from ../shared/hosts it stops before installing
+    anything, naming the missing version."""
+    (tmp_path / "repo" / ".ci").mkdir(parents=True)
+    (tmp_path / "repo" / ".ci" / "run").write_text((REPO_ROOT / ".ci" / "run").read_text())
+    (tmp_path / "shared" / "hosts").mkdir(parents=True)
+    (tmp_path / "shared" / "hosts" / f"comfyui-{present}-0123abcd.tar.gz").write_bytes(b"")
+    environ = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
+    result = subprocess.run(["bash", str(tmp_path / "repo" / ".ci" / "run")], env={**environ, "CI": "true"},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"CI: no ComfyUI v{missing} host." in result.stderr
+    assert not any(tmp_path.glob("sefi-ci.*")) and "pip" not in result.stdout
