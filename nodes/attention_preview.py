@@ -50,7 +50,10 @@ class MapRecorder:
             self.maps.append(head_mean_probs(q[:1], k[:1], heads)[0].cpu())  # (N, T)
         if self.existing is not None:
             return self.existing(q, k, v, extra_options)
-        return comfy.ldm.modules.attention.optimized_attention(q, k, v, heads)
+        # As the layer itself attends: its precision, and the transformer options through the host's attention
+        # wrapper (@wrap_attn on v0.33), so another pack's attention override still applies.
+        return comfy.ldm.modules.attention.optimized_attention(q, k, v, heads, attn_precision=extra_options.get(
+            "attn_precision"), transformer_options=extra_options)
 
 
 class SefiAttentionMapPreview(io.ComfyNode):

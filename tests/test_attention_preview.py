@@ -127,3 +127,20 @@ def test_needs_an_image_with_vae_or_a_latent(host):
         with torch.inference_mode():
             host.node("SefiAttentionMapPreview").execute(model=model, clip=clip, prompt="a cat", words="", at_percent=0.5,
                                                          layers=FULL, seed=0, image=small_image(host))
+
+
+def test_the_preview_attends_through_the_hosts_attention_wrapper(host):
+    """Another pack's attention override (transformer_options['optimized_attention_override'], read by the host's
+    @wrap_attn) still sees the cross-attention calls the preview's recorder makes, with the layer's precision."""
+    model, clip, vae = host.load_checkpoint("tiny.safetensors")
+    seen = []
+
+    def override(attention, q, k, v, heads, *args, **kwargs):
+        seen.append((k.shape[1], "attn_precision" in kwargs))
+        return attention(q, k, v, heads, *args, **kwargs)
+
+    overridden = model.clone()
+    overridden.model_options["transformer_options"]["optimized_attention_override"] = override
+    preview(host, overridden, clip, vae, "a photo of a cat", words="cat")
+    cross = [precision for tokens, precision in seen if tokens == 77]
+    assert cross and all(cross)
