@@ -2,6 +2,10 @@
 the host's own input order. Run after changing a node's inputs:
 
     COMFYUI_PATH=/path/to/ComfyUI python tests/make_workflows.py
+
+The shipped files were written with ComfyUI v0.3.64 (v0.33.0's SaveImage adds an IMAGE output to its node). The saved
+view is fitted to the frontends measured in tests/test_workflows.py (FRONTENDS); check it in the real ones with
+tests/check_frontend_layout.py.
 """
 from __future__ import annotations
 
@@ -20,8 +24,8 @@ APPLY = {"trigger": "", "strength": 1.0, "start_percent": 0.0, "end_percent": 1.
 TITLE = 30  # the frontend draws a node's title bar above its position
 SLOT = 20  # and its sockets 20 apart from 14 below it
 ROW = 160  # first row of nodes; the Notes sit above it
-SCALE = 0.8  # the saved view: every workflow fits a 1920x1080 screen at 80%
-MARGIN = 16  # screen pixels around the graph in the saved view
+SCALE = 0.8  # the saved view: every workflow fits a 1920x1080 screen at 80%, in every frontend of FRONTENDS
+MARGIN = 16  # screen pixels wanted between the graph and the bars and toolbars over the canvas
 
 
 def socket_y(y: int, index: int) -> int:
@@ -44,8 +48,8 @@ def workflows(Node, Note) -> dict[str, list]:
     latent = lambda i, pos: Node(i, "EmptyLatentImage", pos, {"width": 512, "height": 512, "batch_size": 1}, size=(300, 110))
     negative = lambda i, pos, clip, width=300: Node(i, "CLIPTextEncode", pos, {"text": NEGATIVE}, {"clip": clip},
                                                     size=(width, 100), title="Negative prompt")
-    positive = lambda i, pos, clip, text, title=None: Node(i, "CLIPTextEncode", pos, {"text": text}, {"clip": clip},
-                                                           size=(360, 130), title=title)
+    positive = lambda i, pos, clip, text, title=None, width=360: Node(i, "CLIPTextEncode", pos, {"text": text},
+                                                                      {"clip": clip}, size=(width, 130), title=title)
     sampler = lambda i, pos, links: Node(i, "KSampler", pos, SAMPLER, links, size=(280, 262))
     decode = lambda i, pos, samples, vae: Node(i, "VAEDecode", pos, {}, {"samples": samples, "vae": vae}, size=(160, 50))
     save = lambda i, pos, images, prefix, size=(280, 280): Node(i, "SaveImage", pos, {"filename_prefix": prefix},
@@ -77,12 +81,12 @@ def workflows(Node, Note) -> dict[str, list]:
         Node(3, "SefiTrainIdentity", (360, ROW), {"name": "my_identity", "trigger": "sks", "class_word": "person"},
              {"model": m, "clip": c, "vae": v, "image": (2, 0)}, size=(320, 640)),
         apply(5, (720, ROW), m, c, (3, 0)),
-        positive(20, (1060, ROW), (5, 1), "a photo of sks as an old man playing guitar in Paris"),
-        negative(7, (1060, 330), (5, 1), width=360),
+        positive(20, (1060, ROW), (5, 1), "a photo of sks as an old man playing guitar in Paris", width=320),
+        negative(7, (1060, 330), (5, 1), width=320),
         latent(8, (1060, 480)),
-        sampler(21, (1460, ROW), {"model": (5, 0), "positive": (20, 0), "negative": (7, 0), "latent_image": (8, 0)}),
-        decode(22, (1780, ROW), (21, 0), vae_over_the_top(1780)),
-        save(23, (1980, ROW), (22, 0), "sefi_train", size=(260, 300)),
+        sampler(21, (1420, ROW), {"model": (5, 0), "positive": (20, 0), "negative": (7, 0), "latent_image": (8, 0)}),
+        decode(22, (1740, ROW), (21, 0), vae_over_the_top(1740)),
+        save(23, (1940, ROW), (22, 0), "sefi_train", size=(260, 300)),
     ]
 
     prompts = [("Scene", "a photo of sks standing in front of the Eiffel Tower at sunset"),
@@ -98,7 +102,7 @@ def workflows(Node, Note) -> dict[str, list]:
             sampler(i + 1, (1220, y), {"model": (3, 0, route(690, 0, k)), "positive": (i, 0),
                                        "negative": (4, 0, route(740, 2, k)), "latent_image": (5, 0, route(765, 3, k))}),
             decode(i + 2, (1540, y), (i + 1, 0), (1, 2, route(790, 1, k))),
-            save(i + 3, (1740, y), (i + 2, 0), f"sefi_{title.split()[0].lower()}", size=(260, 262)),
+            save(i + 3, (1740, y), (i + 2, 0), f"sefi_{title.split()[0].lower()}", size=(260, 224)),
         ]
     out["2_saved_identity_prompts"] = [
         identity_note(100, "Generate with a saved identity: pick the identity file, then write prompts with its trigger. "
@@ -116,11 +120,11 @@ def workflows(Node, Note) -> dict[str, list]:
         ckpt, load_identity(2, (0, 310), "my_identity.safetensors"), load_identity(3, (0, 440), "friend.safetensors"),
         apply(4, (360, ROW), m, c, (2, 0), trigger="sks"),
         apply(5, (700, ROW), (4, 0), (4, 1), (3, 0, [(680, 380)]), trigger="zwx"),
-        positive(6, (1040, ROW), (5, 1), "a photo of sks and zwx having coffee together in a cafe"),
-        negative(7, (1040, 330), (5, 1), width=360), latent(8, (1040, 480)),
-        sampler(9, (1440, ROW), {"model": (5, 0), "positive": (6, 0), "negative": (7, 0), "latent_image": (8, 0)}),
-        decode(10, (1760, ROW), (9, 0), vae_over_the_top(1760)),
-        save(11, (1960, ROW), (10, 0), "sefi_two"),
+        positive(6, (1040, ROW), (5, 1), "a photo of sks and zwx having coffee together in a cafe", width=320),
+        negative(7, (1040, 330), (5, 1), width=320), latent(8, (1040, 480)),
+        sampler(9, (1400, ROW), {"model": (5, 0), "positive": (6, 0), "negative": (7, 0), "latent_image": (8, 0)}),
+        decode(10, (1720, ROW), (9, 0), vae_over_the_top(1720)),
+        save(11, (1920, ROW), (10, 0), "sefi_two"),
     ]
 
     out["4_face_inpainting"] = [
@@ -145,29 +149,49 @@ def workflows(Node, Note) -> dict[str, list]:
     below = 700  # a corridor under the first row, for the plain model and CLIP of the "without" preview
     preview = lambda i, x, model, clip, vae, title: Node(
         i, "SefiAttentionMapPreview", (x, ROW), {"prompt": prompt, "words": "sks, cup, latte"},
-        {"model": model, "clip": clip, "latent": (21, 0), "vae": vae}, size=(400, 500), title=title)
+        {"model": model, "clip": clip, "latent": (21, 0), "vae": vae}, size=(390, 500), title=title)
     out["5_attention_preview"] = [
         identity_note(100, "See where each word attends: the same prompt and generated image, analysed with and without "
                       "the identity. A good identity attends to the face and leaves 'cup' and 'latte' their own regions "
                       "(paper Fig. 1, Fig. 6); an overfit one covers the whole picture. Use it to tune strength and "
                       "start/end percent."),
         *saved_identity_columns(),
-        positive(20, (700, ROW), (3, 1), prompt),
-        sampler(21, (1100, ROW), {"model": (3, 0), "positive": (20, 0), "negative": (4, 0), "latent_image": (5, 0)}),
-        preview(30, 1420, (3, 0), (3, 1), (1, 2, [(340, top), (1396, top)]), "With the identity"),
-        preview(31, 1860, (1, 0, [(340, below), (1836, below)]), (1, 1, [(352, below + 16), (1836, below + 16)]),
-                (1, 2, [(340, top), (1396, top), (1836, top)]), "Without (plain model and CLIP)"),
-        decode(22, (1420, 760), (21, 0), (1, 2, [(340, top), (1396, top)])),
-        save(23, (1620, 760), (22, 0), "sefi_preview", size=(260, 260)),
+        positive(20, (700, ROW), (3, 1), prompt, width=320),
+        sampler(21, (1060, ROW), {"model": (3, 0), "positive": (20, 0), "negative": (4, 0), "latent_image": (5, 0)}),
+        preview(30, 1380, (3, 0), (3, 1), (1, 2, [(340, top), (1356, top)]), "With the identity"),
+        preview(31, 1810, (1, 0, [(340, below), (1786, below)]), (1, 1, [(352, below + 16), (1786, below + 16)]),
+                (1, 2, [(340, top), (1356, top), (1786, top)]), "Without (plain model and CLIP)"),
+        decode(22, (1380, 760), (21, 0), (1, 2, [(340, top), (1356, top)])),
+        save(23, (1580, 760), (22, 0), "sefi_preview", size=(260, 240)),
     ]
     return out
 
 
-def saved_view(workflow: dict) -> dict:
-    """The view that shows the whole graph, Notes included, at SCALE from the top-left corner."""
+def saved_view(workflow: dict, frontends: dict) -> dict:
+    """The view at SCALE that shows the whole graph, Notes included, clear of every bar and toolbar in every frontend
+    of `frontends` (tests/test_workflows.py's measured FRONTENDS): of the offsets that keep MARGIN page pixels (or
+    else as many as can be) between each node and anything covering the canvas, the one nearest the top-left."""
+    import numpy as np
+
     left = min(n["pos"][0] for n in workflow["nodes"])
     top = min(n["pos"][1] for n in workflow["nodes"]) - TITLE
-    return {"scale": SCALE, "offset": [MARGIN / SCALE - left, MARGIN / SCALE - top]}
+    steps = np.arange(0, 400) / SCALE  # one page pixel apart
+    ox, oy = (MARGIN / SCALE - left + steps)[:, None], (MARGIN / SCALE - top + steps)[None, :]
+    worst = np.full((len(steps), len(steps)), np.inf)
+    for frontend in frontends.values():
+        (cx, cy), (v0, w0, v1, w1) = frontend["canvas"], frontend["visible"]
+        for node in workflow["nodes"]:
+            (x, y), (w, h) = node["pos"], node["size"]
+            x0, x1 = cx + (x + ox) * SCALE, cx + (x + w + ox) * SCALE
+            y0, y1 = cy + (y - frontend["title"] + oy) * SCALE, cy + (y + h + oy) * SCALE
+            worst = np.minimum(worst, np.minimum(np.minimum(x0 - v0, v1 - x1), np.minimum(y0 - w0, w1 - y1)))
+            for p0, q0, p1, q1 in frontend["covered"]:
+                worst = np.minimum(worst, np.maximum(np.maximum(p0 - x1, x0 - p1), np.maximum(q0 - y1, y0 - q1)))
+    wanted = np.minimum(worst, MARGIN)
+    if wanted.max() < 0:
+        raise SystemExit(f"the graph does not fit the frontends' canvas at {SCALE:.0%}")
+    i, j = min(zip(*np.nonzero(wanted == wanted.max())), key=lambda ij: (ij[0] + ij[1], ij[1]))
+    return {"scale": SCALE, "offset": [round(float(ox[i, 0]), 3), round(float(oy[0, j]), 3)]}
 
 
 def main() -> None:
@@ -176,6 +200,7 @@ def main() -> None:
     from sefi_testkit.comfy_env import find_comfyui
     from sefi_testkit.host import Host
     from sefi_testkit.workflow_format import Node, Note, build
+    from test_workflows import FRONTENDS
 
     comfy_path = find_comfyui()
     if comfy_path is None:
@@ -184,7 +209,7 @@ def main() -> None:
     for name, items in workflows(Node, Note).items():
         path = ROOT / "workflows" / f"{name}.json"
         workflow = build(items, host.nodes.NODE_CLASS_MAPPINGS)
-        workflow["extra"]["ds"] = saved_view(workflow)
+        workflow["extra"]["ds"] = saved_view(workflow, FRONTENDS)
         path.write_text(json.dumps(workflow, indent=1) + "\n")
         print(f"wrote {path.relative_to(ROOT)}")
 

@@ -86,14 +86,40 @@ def test_workflow_runs_end_to_end(host, path):
     assert images, "the workflow produced no image"
 
 
-# Smallest sizes the frontend (1.27.10) draws these nodes at (LGraphNode.computeSize, measured in headless Chromium
-# with tests/sefi_testkit/frontend.py); a saved size below it would be enlarged, and could then overlap a neighbour.
-MIN_SIZE = {"CheckpointLoaderSimple": (210, 98), "LoadImage": (215, 102), "SefiTrainIdentity": (228, 382),
-            "SefiApplyStageTokens": (210, 170), "CLIPTextEncode": (211, 88), "EmptyLatentImage": (210, 106),
-            "KSampler": (210, 262), "VAEDecode": (140, 46), "SaveImage": (210, 58), "SefiLoadIdentity": (210, 78),
-            "VAEEncodeForInpaint": (213, 98), "SefiAttentionMapPreview": (213, 264), "Note": (210, 88)}
-TITLE = 30  # the title bar is drawn above a node's position
-CANVAS = (1856, 870)  # the canvas of a maximised browser on a 1920x1080 screen, below ComfyUI's menu bar
+# What the user sees of the canvas at 1920x1080 in each frontend the supported hosts ship (1.27.10: ComfyUI v0.3.64;
+# 1.49.6: v0.33.0) and the newest (1.58.1), measured with tests/check_frontend_layout.py (the real server and frontend
+# in headless Chromium, 1920x1080 viewport, device pixel ratio 1, a returning user's settings: no tutorial, no minimap):
+# - canvas: where the canvas element's top-left corner is on the page. The saved view maps a graph point g to the
+#   page point canvas + (g + extra.ds.offset) * extra.ds.scale in every version (each applied the saved view as
+#   saved), but 1.27.10's canvas starts below its menu bar and right of its side bar, while from 1.49 on the canvas
+#   fills the page and the tab bar, side bar and toolbars float over it: the same view shows the graph 64 px further
+#   left and 78 px higher there.
+# - visible: the page rectangle (left, top, right, bottom) that the bars along the edges leave uncovered;
+# - covered: toolbars floating inside it (breadcrumb, Run bar, zoom controls), as rectangles.
+#   Both from document.elementFromPoint every 2 px on an empty graph, widened to the covering elements' own
+#   bounding rectangles where those were larger.
+# - title: the title-bar height drawn above a node's position (LiteGraph.NODE_TITLE_HEIGHT).
+# - min_size: the smallest size the frontend draws each node at (LGraphNode.computeSize on the loaded workflows,
+#   pickers filled, LoadImage showing its photo); a saved size below it would be enlarged and could then overlap a
+#   neighbour.
+_MIN_SIZE_1_27 = {"CheckpointLoaderSimple": (210, 98), "LoadImage": (215, 326), "SefiTrainIdentity": (228, 382),
+                  "SefiApplyStageTokens": (210, 170), "CLIPTextEncode": (211, 88), "EmptyLatentImage": (210, 106),
+                  "KSampler": (210, 262), "VAEDecode": (140, 46), "SaveImage": (210, 58), "SefiLoadIdentity": (210, 78),
+                  "VAEEncodeForInpaint": (213, 98), "SefiAttentionMapPreview": (235, 234), "Note": (210, 88)}
+_MIN_SIZE_1_49 = {**_MIN_SIZE_1_27, "LoadImage": (223, 326), "SefiTrainIdentity": (237, 382), "CLIPTextEncode": (219, 88),
+                  "VAEEncodeForInpaint": (223, 98), "SefiAttentionMapPreview": (245, 234)}
+FRONTENDS = {
+    "1.27.10": {"canvas": (64, 78), "visible": (64, 78, 1920, 1080), "covered": [(1596, 1018, 1904, 1064)],
+                "title": 30, "min_size": _MIN_SIZE_1_27},
+    "1.49.6": {"canvas": (0, 0), "visible": (59, 38, 1920, 1080),
+               "covered": [(66, 46, 212, 86), (1556, 42, 1916, 90), (1662, 1026, 1916, 1076)],
+               "title": 30, "min_size": _MIN_SIZE_1_49},
+    "1.58.1": {"canvas": (0, 0), "visible": (56, 38, 1920, 1080),
+               "covered": [(64, 46, 209, 86), (1562, 46, 1912, 86), (1668, 1032, 1912, 1072)],
+               "title": 30, "min_size": _MIN_SIZE_1_49},
+}
+TITLE = 30  # the title bar is drawn above a node's position (the same in all three)
+MIN_SCALE = 0.8
 
 
 def rect(node):
@@ -101,25 +127,48 @@ def rect(node):
     return x, y - TITLE, x + w, y + h
 
 
+def screen_rect(box, view, frontend):
+    """Where a graph rectangle is drawn on the page under the saved view."""
+    (cx, cy), scale, (ox, oy) = frontend["canvas"], view["scale"], view["offset"]
+    x0, y0, x1, y1 = box
+    return cx + (x0 + ox) * scale, cy + (y0 + oy) * scale, cx + (x1 + ox) * scale, cy + (y1 + oy) * scale
+
+
+def margin(box, frontend) -> float:
+    """Page pixels between a drawn rectangle and the nearest covered or off-canvas pixel; negative: hidden."""
+    x0, y0, x1, y1 = box
+    left, top, right, bottom = frontend["visible"]
+    gaps = [x0 - left, y0 - top, right - x1, bottom - y1]
+    gaps += [max(cx0 - x1, x0 - cx1, cy0 - y1, y0 - cy1) for cx0, cy0, cx1, cy1 in frontend["covered"]]
+    return min(gaps)
+
+
+def view_margins(workflow, view=None) -> dict:
+    """(frontend version, node id) -> the node's margin when the workflow opens with `view` (default its saved one)."""
+    view = view or workflow["extra"]["ds"]
+    return {(version, n["id"]): margin(screen_rect(rect(n), view, frontend), frontend)
+            for version, frontend in FRONTENDS.items() for n in workflow["nodes"]}
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_opens_ready_to_read(path):
+@pytest.mark.parametrize("version", FRONTENDS)
+def test_workflow_opens_ready_to_read(path, version):
     """Every node at least as big as the frontend draws it, none overlapping, the whole graph (Notes first) inside
-    the saved view at 80% or more, every wire running left to right."""
-    workflow = load(path)
+    the visible canvas of the saved view at 80% or more, every wire running left to right."""
+    workflow, frontend = load(path), FRONTENDS[version]
     nodes = {n["id"]: n for n in workflow["nodes"]}
     for node in nodes.values():
-        w, h = MIN_SIZE[node["type"]]
+        w, h = frontend["min_size"][node["type"]]
         assert node["size"][0] >= w and node["size"][1] >= h, f"{node['type']} {node['id']} is smaller than drawn"
     boxes = [(n["id"], rect(n)) for n in nodes.values()]
     for i, (a, (ax0, ay0, ax1, ay1)) in enumerate(boxes):
         for b, (bx0, by0, bx1, by1) in boxes[i + 1:]:
             assert ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0, f"nodes {a} and {b} overlap"
     view = workflow["extra"]["ds"]
-    assert view["scale"] >= 0.8
-    left, top = -view["offset"][0], -view["offset"][1]
-    right, bottom = left + CANVAS[0] / view["scale"], top + CANVAS[1] / view["scale"]
-    for node_id, (x0, y0, x1, y1) in boxes:
-        assert left <= x0 and x1 <= right and top <= y0 and y1 <= bottom, f"node {node_id} is outside the saved view"
+    assert view["scale"] >= MIN_SCALE
+    for node_id, box in boxes:
+        hidden = margin(screen_rect(box, view, frontend), frontend)
+        assert hidden >= 0, f"node {node_id} is {-hidden:g} px under a bar or off the canvas in {version}"
     for link_id, source, _, target, *_ in workflow["links"]:
         assert rect(nodes[source])[2] <= rect(nodes[target])[0], f"link {link_id} runs right to left"
 
