@@ -8,6 +8,7 @@ import comfy.model_management
 import comfy.utils
 from comfy_api.latest import io, ui
 
+from ..sefi_core.augment import EMPTY_SUBJECT_MASK
 from ..sefi_core.identity import (Identity, IdentityError, save_identity, validate_class_word, validate_identity_name,
                                  validate_trigger)
 from ..sefi_core.losses import ATTENTION_OPTIONS
@@ -35,6 +36,20 @@ def check_image(image: torch.Tensor) -> None:
     if max(height, width) / min(height, width) > MAX_ASPECT:
         log.warning("SeFi: the image is %dx%d; training uses its centre square, which holds little of so thin a "
                     "picture. Crop the photo around the subject for a better identity.", width, height)
+
+
+def check_subject_mask(mask: torch.Tensor | None, image: torch.Tensor) -> None:
+    """One mask for all photos or one per photo, the photos' size, not empty."""
+    if mask is None:
+        return
+    photos, height, width = image.shape[:3]
+    if mask.ndim != 3 or mask.shape[1:] != (height, width) or mask.shape[0] not in (1, photos):
+        raise ValueError(f"The subject mask is {'x'.join(map(str, mask.shape[1:][::-1]))} pixels ({mask.shape[0]} "
+                         f"mask(s)) but the photo is {width}x{height} ({photos} photo(s)). Paint the mask on this "
+                         "photo (right-click Load Image > Open in MaskEditor and use that node's MASK output), or give "
+                         "one mask of the photo's size.")
+    if not bool((mask > 0.5).flatten(1).any(1).all()):
+        raise ValueError(EMPTY_SUBJECT_MASK)
 
 
 COMBO_CHOICES = {"kv_pairs": ("5", "1", "10"), "attention_loss": tuple(ATTENTION_OPTIONS),
@@ -103,7 +118,8 @@ class SefiTrainIdentity(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint."),
                 io.Vae.Input("vae", tooltip="The VAE of the same checkpoint; encodes the photo."),
                 io.Image.Input("image", tooltip="One photo of the subject (a batch of photos of the same subject "
-                                                "is used in turn). Any size; it is centre-cropped to a square."),
+                                                "is used in turn). Any size; it is centre-cropped to a square, or "
+                                                "cropped around the subject mask when one is connected."),
                 io.String.Input("name", default="my_identity",
                                 tooltip="File name in models/sefi_identities (letters, digits, - and _)."),
                 io.String.Input("trigger", default="sks",
@@ -137,6 +153,11 @@ class SefiTrainIdentity(io.ComfyNode):
                                tooltip="Saves GPU memory by recomputing activations during the backward pass, at "
                                        "about a third more time per step. auto: off, and switched on by itself if the "
                                        "GPU runs out of memory. on: for cards with 8 GB or less. off: fastest."),
+                io.Mask.Input("subject_mask", optional=True,
+                              tooltip="Optional: where the subject is (paint it in Load Image's mask editor, or any "
+                                      "segmentation node). Training then crops a square around it, kept whole, and "
+                                      "learns from it alone, not the background. One mask of the photo's size, or one "
+                                      "per photo. Without it: the centre square, background included."),
             ],
             outputs=[
                 host.SefiIdentity.Output(display_name="identity", tooltip="The trained identity, for SeFi Apply Stage Tokens."),
@@ -161,7 +182,8 @@ class SefiTrainIdentity(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, image, name, trigger, class_word, steps, learning_rate, attention_weight,
-                seed, resolution, kv_pairs, attention_loss, overwrite, gradient_checkpointing="auto") -> io.NodeOutput:
+                seed, resolution, kv_pairs, attention_loss, overwrite, gradient_checkpointing="auto",
+                subject_mask=None) -> io.NodeOutput:
         host.check_sd1_model(model)
         host.check_sd1_clip(clip)
         if model.model.concat_keys:
@@ -174,12 +196,14 @@ class SefiTrainIdentity(io.ComfyNode):
         class_word = validate_class_word(class_word)
         trigger = validate_trigger(trigger, class_word)
         check_image(image)
+        check_subject_mask(subject_mask, image)
         check_choices(kv_pairs=kv_pairs, attention_loss=attention_loss, gradient_checkpointing=gradient_checkpointing)
         settings = TrainSettings(steps=steps, learning_rate=learning_rate, attention_weight=attention_weight, seed=seed,
                                  resolution=resolution, stage_count=int(kv_pairs),
                                  attention_option=ATTENTION_OPTIONS[attention_loss])
         on_step = progress_reporter(settings.steps, cls.hidden.unique_id if cls.hidden else None)
-        result = run_training(model, clip, vae, image, trigger, class_word, settings, gradient_checkpointing, on_step)
+        result = run_training(model, clip, vae, image, trigger, class_word, settings, gradient_checkpointing, on_step,
+                              subject_mask)
         identity = Identity(result.k_tokens, result.v_tokens, trigger, class_word,
                             base_model=host.model_fingerprint(clip), training=settings.as_metadata())
         save_identity(identity, path, overwrite=overwrite)

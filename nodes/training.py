@@ -30,7 +30,7 @@ import comfy.ldm.modules.diffusionmodules.openaimodel
 import comfy.model_management
 import comfy.patcher_extension
 
-from ..sefi_core.augment import as_rgb, augment, center_square
+from ..sefi_core.augment import as_rgb, augment, center_square, subject_square
 from ..sefi_core.losses import attention_loss, token_mask
 from ..sefi_core.prompt_tokens import mark_triggers
 from ..sefi_core.train import PROMPT_TEMPLATES, TrainResult, TrainSettings, train_tokens
@@ -200,17 +200,26 @@ class HostTrainer:
 
     # -- data ------------------------------------------------------------------------------------
 
-    def training_samples(self, images: torch.Tensor, vae, resolution: int, count: int, generator) -> list:
-        """`count` augmented views, VAE-encoded once up front; the images of the batch are used in turn."""
-        squares = [center_square(as_rgb(image), resolution) for image in images]
+    def training_samples(self, images: torch.Tensor, vae, resolution: int, count: int, generator,
+                         subject_masks: torch.Tensor | None = None) -> list:
+        """`count` augmented views, VAE-encoded once up front; the images of the batch are used in turn. With subject
+        masks (one per image, or one for all), each square follows its mask and the loss weights it."""
+        if subject_masks is None:
+            squares = [(center_square(as_rgb(image), resolution), None) for image in images]
+        else:
+            squares = [subject_square(as_rgb(image), subject_masks[k % len(subject_masks)], resolution)
+                       for k, image in enumerate(images)]
         samples = []
         for k in range(count):
-            pixels, mask = augment(squares[k % len(squares)], generator)
+            square, subject = squares[k % len(squares)]
+            pixels, mask = augment(square, generator, subject)
             with torch.no_grad():
                 latent = vae.encode(pixels.permute(1, 2, 0).unsqueeze(0))
                 latent = self.model.model.process_latent_in(latent).to(self.device)
-            small = torch.nn.functional.adaptive_avg_pool2d(mask[None, None], latent.shape[-2:])
-            samples.append((latent.float(), (small > 0.5).float().to(self.device)))
+            weights = torch.nn.functional.adaptive_avg_pool2d(mask[None, None], latent.shape[-2:])
+            # The placement box alone is cut at half a latent pixel; a subject mask keeps its soft edges.
+            weights = (weights > 0.5).float() if subject is None else weights
+            samples.append((latent.float(), weights.to(self.device)))
         return samples
 
     # -- prompts ---------------------------------------------------------------------------------
@@ -317,7 +326,7 @@ def _hooks(modules, hook):
 
 
 def run_training(model, clip, vae, image, trigger: str, class_word: str, settings: TrainSettings,
-                 checkpointing: str = "auto", on_step=lambda step, losses: None) -> TrainResult:
+                 checkpointing: str = "auto", on_step=lambda step, losses: None, subject_mask=None) -> TrainResult:
     """Trains an identity on clones of the host's model and CLIP; the host model's flags come back and what training
     loaded is given back, whether it ends, fails or is cancelled. Out of memory with checkpointing 'auto', it starts
     again with gradient checkpointing on."""
@@ -329,7 +338,7 @@ def run_training(model, clip, vae, image, trigger: str, class_word: str, setting
             trainer.load()
             generator = torch.Generator().manual_seed(settings.seed)
             samples = trainer.training_samples(image, vae, settings.resolution,
-                                               min(AUGMENTED_VIEWS, settings.steps), generator)
+                                               min(AUGMENTED_VIEWS, settings.steps), generator, subject_mask)
             trainer.find_loss_layers(samples[0][0])
             while True:
                 try:

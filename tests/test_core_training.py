@@ -3,8 +3,9 @@ the loop's divergence guard and settings validation."""
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from sefi_core.augment import as_rgb, augment, center_square
+from sefi_core.augment import SUBJECT_MARGIN, as_rgb, augment, center_square, subject_square
 from sefi_core.losses import attention_loss, token_mask
 from sefi_core.mapper import TokenMapper
 from sefi_core.plot import loss_curve_image, nice_ticks, smoothed, smoothing_span
@@ -68,6 +69,76 @@ def test_augment_any_image_shape(shape):
     assert 0 <= image.min() and image.max() <= 1
     side = int(mask.sum().sqrt())
     assert 6 <= side <= 64 and mask.sum() == side * side  # scale 0.1-1.0 of the canvas
+
+
+def box_mask(height, width, top, bottom, left, right):
+    mask = torch.zeros(height, width)
+    mask[top:bottom, left:right] = 1
+    return mask
+
+
+def resized(window, size=64):
+    return F.interpolate(window[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def test_the_square_follows_an_off_centre_subject_whole_and_centred():
+    """A half-body shot 400x200 with the face far right: the centre square (cols 100-300) would lose it."""
+    image, subject = torch.rand(3, 200, 400), box_mask(200, 400, 40, 100, 300, 360)
+    square, mask = subject_square(image, subject, 64)
+    side = round(60 * (1 + SUBJECT_MARGIN))  # the box's longer side plus the margin: 75
+    top, left = round((40 + 100 - side) / 2), round((300 + 360 - side) / 2)  # centred on the box
+    torch.testing.assert_close(square, resized(image[:, top:top + side, left:left + side]).clamp(0, 1))
+    torch.testing.assert_close(mask, resized(subject[None, top:top + side, left:left + side])[0].clamp(0, 1))
+    rows, cols = torch.nonzero(mask > 0.5, as_tuple=True)
+    assert abs(float(rows.float().mean()) - 31.5) < 1 and abs(float(cols.float().mean()) - 31.5) < 1
+    assert not torch.allclose(center_square(image, 64), square)
+
+
+def test_a_subject_at_the_edge_shifts_the_square_inside_and_stays_whole():
+    image, subject = torch.rand(3, 200, 400), box_mask(200, 400, 150, 200, 370, 400)  # bottom-right corner
+    square, mask = subject_square(image, subject, 50)
+    side = round(50 * (1 + SUBJECT_MARGIN))
+    torch.testing.assert_close(square, resized(image[:, 200 - side:, 400 - side:], 50).clamp(0, 1))
+    assert float(mask.sum()) == pytest.approx(float(subject.sum()) * (50 / side) ** 2, rel=0.02)  # nothing cut off
+
+
+def test_a_subject_larger_than_the_short_side_is_padded_with_the_mean_colour():
+    image, subject = torch.rand(3, 100, 300), box_mask(100, 300, 0, 100, 50, 200)  # 150 wide, photo 100 high
+    square, mask = subject_square(image, subject, 64)
+    assert square.shape == (3, 64, 64)
+    torch.testing.assert_close(square[:, 0, 32], image.mean((1, 2)), atol=1e-5, rtol=0)  # above the photo: its mean
+    assert float(mask.sum()) == pytest.approx(float(subject.sum()) * (64 / round(150 * 1.25)) ** 2, rel=0.03)
+
+
+def test_an_empty_subject_mask_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="The subject mask is empty: paint over the subject"):
+        subject_square(torch.rand(3, 64, 64), torch.zeros(64, 64), 64)
+
+
+def test_augment_with_a_full_subject_mask_is_augment_without_one():
+    square = torch.rand(3, 64, 64)
+    plain = augment(square, torch.Generator().manual_seed(3))
+    full = augment(square, torch.Generator().manual_seed(3), torch.ones(64, 64))
+    assert torch.equal(plain[0], full[0])  # the photo's handling is untouched by the mask
+    torch.testing.assert_close(full[1], plain[1], atol=1e-6, rtol=0)  # a resized all-ones mask: ones within rounding
+
+
+def test_augment_weights_the_loss_by_the_subject_flipped_and_scaled_with_the_photo():
+    square, subject = torch.rand(3, 64, 64), box_mask(64, 64, 0, 64, 0, 32)  # the subject: the left half
+    flips = set()
+    for seed in range(8):
+        _, mask = augment(square, torch.Generator().manual_seed(seed), subject)
+        g = torch.Generator().manual_seed(seed)  # replay the draws: jitter (3), flip, scale, top, left
+        for _ in range(3):
+            torch.rand((), generator=g)
+        flip = float(torch.rand((), generator=g)) < 0.5
+        side = max(8, round(64 * (0.1 + 0.9 * float(torch.rand((), generator=g)))))
+        top, left = (int(torch.randint(0, 64 - side + 1, (), generator=g)) for _ in range(2))
+        expected = torch.zeros(64, 64)
+        expected[top:top + side, left:left + side] = resized((subject.flip(-1) if flip else subject)[None], side)[0]
+        torch.testing.assert_close(mask, expected.clamp(0, 1))
+        flips.add(flip)
+    assert flips == {True, False}
 
 
 def test_augment_rejects_non_images():

@@ -360,3 +360,47 @@ def test_requeueing_after_the_file_was_deleted_trains_again(host):
     result = host.run(train_graph("requeued", steps=2), fresh=False)
     assert result.success, result.error
     assert path.exists() and [v for v, _ in host.progress][-1] == 2
+
+
+def off_centre_subject(host):
+    """astronaut.png (512x512) widened to 512x1024 with the photo on the right, and a mask over its face: the centre
+    square would hold half the face."""
+    photo = host.nodes.LoadImage().load_image("astronaut.png")[0]
+    wide = torch.cat([torch.full_like(photo, 0.5), photo], dim=2)  # (1, 512, 1024, 3)
+    mask = torch.zeros(1, 512, 1024)
+    mask[0, 60:230, 512 + 150:512 + 330] = 1
+    return wide, mask
+
+
+def test_a_subject_mask_crops_around_the_subject_and_the_loss_weights_it(host):
+    model, clip, vae = host.load_checkpoint("tiny.safetensors")
+    wide, mask = off_centre_subject(host)
+    training = trainer_module(host)
+    trainer = training.HostTrainer(model, clip, "sks", "person", "all")
+    with torch.inference_mode(), training.frozen(model.model, clip.cond_stage_model), torch.inference_mode(False):
+        trainer.load()
+        with_mask = trainer.training_samples(wide, vae, 256, 4, torch.Generator().manual_seed(0), mask)
+        without = trainer.training_samples(wide, vae, 256, 4, torch.Generator().manual_seed(0))
+        trainer.release()
+    for (latent_m, weights_m), (latent_c, weights_c) in zip(with_mask, without):
+        assert not torch.allclose(latent_m, latent_c)  # another square: around the face, not the centre
+        assert float(weights_m.max()) > 0.5 and float(weights_m.min()) == 0.0 and float(weights_m.max()) <= 1
+    # The face covers about 60% of its square: the loss is taken on about that share of where the photo is.
+    share = sum(float(w.sum()) for _, w in with_mask) / sum(float(w.sum()) for _, w in without)
+    assert 0.4 < share < 0.8, share
+    execute_training(host, model, clip, vae, "masked", image=wide, subject_mask=mask, steps=2)
+    assert load_identity(host.identity_dir / "masked.safetensors").stage_count == 5
+
+
+@pytest.mark.parametrize("make_mask, message", [
+    (lambda: torch.ones(1, 512, 512), r"The subject mask is 512x512 pixels \(1 mask\(s\)\) but the photo is 1024x512 "
+                                      r"\(1 photo\(s\)\)\. Paint the mask on this photo"),
+    (lambda: torch.zeros(1, 512, 1024), "The subject mask is empty: paint over the subject"),
+])
+def test_a_subject_mask_that_does_not_fit_the_photo_is_refused_before_any_work(host, make_mask, message):
+    model, clip, vae = host.load_checkpoint("tiny.safetensors")
+    wide, _ = off_centre_subject(host)
+    host.progress.clear()
+    with pytest.raises(ValueError, match=message):
+        execute_training(host, model, clip, vae, "bad_mask", image=wide, subject_mask=make_mask())
+    assert host.progress == [] and not list(host.identity_dir.glob("bad_mask*"))
