@@ -56,14 +56,21 @@ class SefiApplyStageTokens(io.ComfyNode):
         if identity.base_model and identity.base_model != host.model_fingerprint(clip):
             log.info("SeFi: identity %r was trained on another SD1.x text encoder; it usually transfers, "
                      "retrain on this model if likeness suffers.", identity.trigger)
-        class_embedding = host.word_embedding(clip, identity.class_word)
-        slot = IdentitySlot(
-            trigger=trigger,
-            k_tokens=blend_toward_class(identity.k_tokens, class_embedding, strength),
-            v_tokens=blend_toward_class(identity.v_tokens, class_embedding, strength),
-            class_embedding=class_embedding,
-            boundaries=identity.boundaries,
-            active=ActiveRange.from_percent(start_percent, end_percent),
-        )
-        ids = host.word_token_ids(clip, trigger)
-        return io.NodeOutput(host.patch_model(model), host.patch_clip(clip, ids, slot))
+        return io.NodeOutput(*apply_identity(model, clip, identity, trigger, strength, start_percent, end_percent))
+
+
+def apply_identity(model, clip, identity, trigger: str, strength: float = 1.0, start_percent: float = 0.0,
+                   end_percent: float = 1.0):
+    """(MODEL, CLIP) clones through which `trigger` in a prompt means `identity`: what this node returns, and what
+    Train Identity's previews sample with."""
+    class_embedding = host.word_embedding(clip, identity.class_word)
+    slot = IdentitySlot(
+        trigger=trigger,
+        k_tokens=blend_toward_class(identity.k_tokens, class_embedding, strength),
+        v_tokens=blend_toward_class(identity.v_tokens, class_embedding, strength),
+        class_embedding=class_embedding,
+        boundaries=identity.boundaries,
+        active=ActiveRange.from_percent(start_percent, end_percent),
+    )
+    ids = host.word_token_ids(clip, trigger)
+    return host.patch_model(model), host.patch_clip(clip, ids, slot)

@@ -1,8 +1,11 @@
 """SeFi Train Identity: one photo + the loaded SD1.x model -> an identity, saved to models/sefi_identities."""
 import logging
 import os
+import re
 
+import numpy as np
 import torch
+from PIL import Image
 
 import comfy.model_management
 import comfy.utils
@@ -12,14 +15,16 @@ from ..sefi_core.augment import EMPTY_SUBJECT_MASK
 from ..sefi_core.identity import (Identity, IdentityError, save_identity, validate_class_word, validate_identity_name,
                                  validate_trigger)
 from ..sefi_core.losses import ATTENTION_OPTIONS
-from ..sefi_core.plot import loss_curve_image, smoothed, smoothing_span
+from ..sefi_core.plot import loss_curve_image, preview_strip, smoothed, smoothing_span
 from ..sefi_core.train import TrainSettings
 from . import host
+from .preview import DEFAULT_PREVIEW_PROMPT, TrainingPreview
 from .training import CHECKPOINTING_MODES, run_training
 
 log = logging.getLogger(__name__)
 MIN_IMAGE_SIDE = 64  # pixels; below this there is no face to learn
-MAX_ASPECT = 4.0  # the centre square of a thinner image holds little of it
+MAX_ASPECT = 4.0
+PREVIEW_SHOWN_SIZE = 512  # the longest side of a preview on the node  # the centre square of a thinner image holds little of it
 
 
 def check_image(image: torch.Tensor) -> None:
@@ -52,6 +57,16 @@ def check_subject_mask(mask: torch.Tensor | None, image: torch.Tensor) -> None:
         raise ValueError(EMPTY_SUBJECT_MASK)
 
 
+def check_preview_prompt(prompt: str, trigger: str) -> str:
+    """The previews' prompt, the default one when empty; it must name the identity."""
+    prompt = prompt.strip() or DEFAULT_PREVIEW_PROMPT.format(trigger=trigger)
+    if not re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", prompt, re.IGNORECASE):
+        raise ValueError(f"preview_prompt {prompt!r} does not contain the trigger word {trigger!r}, so the previews "
+                         f"would not show the identity. Write it in, e.g. 'a portrait photo of {trigger}', or leave "
+                         "preview_prompt empty.")
+    return prompt
+
+
 COMBO_CHOICES = {"kv_pairs": ("5", "1", "10"), "attention_loss": tuple(ATTENTION_OPTIONS),
                  "gradient_checkpointing": CHECKPOINTING_MODES}
 
@@ -66,8 +81,9 @@ def check_choices(**values) -> None:
 
 
 def progress_reporter(total_steps: int, node_id: str | None):
-    """on_step for the training loop: the progress bar every step (Cancel is checked there), the smoothed loss as
-    the node's text whenever new losses were read back."""
+    """(on_step, show_preview) for the training loop: the progress bar every step (Cancel is checked there), the
+    smoothed loss as the node's text whenever new losses were read back, and each preview image on the node (the
+    host's progress preview, as KSampler's live previews)."""
     progress, shown = comfy.utils.ProgressBar(total_steps), [0]
     span = smoothing_span(total_steps)
 
@@ -80,7 +96,10 @@ def progress_reporter(total_steps: int, node_id: str | None):
             if len(losses) % 100 == 0 or len(losses) == total_steps:
                 log.info("SeFi training step %d/%d loss %.4f (smoothed)", len(losses), total_steps, loss)
         comfy.model_management.throw_exception_if_processing_interrupted()
-    return on_step
+
+    def show_preview(step, image):
+        progress.update_absolute(step, total_steps, ("JPEG", Image.fromarray(image), PREVIEW_SHOWN_SIZE))
+    return on_step, show_preview
 
 
 class WrittenFiles:
@@ -158,11 +177,21 @@ class SefiTrainIdentity(io.ComfyNode):
                                       "segmentation node). Training then crops a square around it, kept whole, and "
                                       "learns from it alone, not the background. One mask of the photo's size, or one "
                                       "per photo. Without it: the centre square, background included."),
+                io.Int.Input("preview_every", default=250, min=0, max=20000, optional=True,
+                             tooltip="Every this many steps, sample one small image with the identity as it is so "
+                                     "far (same seed each time, so they compare), shown on the node as training goes. "
+                                     "0: no previews. About 1% of the run's time at the defaults."),
+                io.String.Input("preview_prompt", default="", optional=True,
+                                tooltip="The prompt of the previews, with the trigger word. Empty: 'a portrait photo "
+                                        "of <trigger>, looking at the camera'."),
             ],
             outputs=[
                 host.SefiIdentity.Output(display_name="identity", tooltip="The trained identity, for SeFi Apply Stage Tokens."),
                 io.Image.Output(display_name="loss_curve", tooltip="The training loss over the steps (also shown on "
                                                                    "this node)."),
+                io.Image.Output(display_name="previews", tooltip="The previews taken while training, side by side "
+                                                                 "with their steps (one grey square when previews are "
+                                                                 "off)."),
             ],
             hidden=[io.Hidden.unique_id],
         )
@@ -183,7 +212,7 @@ class SefiTrainIdentity(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, image, name, trigger, class_word, steps, learning_rate, attention_weight,
                 seed, resolution, kv_pairs, attention_loss, overwrite, gradient_checkpointing="auto",
-                subject_mask=None) -> io.NodeOutput:
+                subject_mask=None, preview_every=250, preview_prompt="") -> io.NodeOutput:
         host.check_sd1_model(model)
         host.check_sd1_clip(clip)
         if model.model.concat_keys:
@@ -201,13 +230,23 @@ class SefiTrainIdentity(io.ComfyNode):
         settings = TrainSettings(steps=steps, learning_rate=learning_rate, attention_weight=attention_weight, seed=seed,
                                  resolution=resolution, stage_count=int(kv_pairs),
                                  attention_option=ATTENTION_OPTIONS[attention_loss])
-        on_step = progress_reporter(settings.steps, cls.hidden.unique_id if cls.hidden else None)
+        preview_prompt = check_preview_prompt(preview_prompt, trigger)
+        on_step, show_preview = progress_reporter(settings.steps, cls.hidden.unique_id if cls.hidden else None)
+        previews = []
+
+        def make_preview(trainer):
+            previews.append(TrainingPreview(trainer, vae, preview_prompt, trigger, class_word, resolution, seed))
+            return lambda step, k, v: show_preview(step, previews[0](step, k, v))
+
         result = run_training(model, clip, vae, image, trigger, class_word, settings, gradient_checkpointing, on_step,
-                              subject_mask)
+                              subject_mask, preview_every, make_preview)
         identity = Identity(result.k_tokens, result.v_tokens, trigger, class_word,
                             base_model=host.model_fingerprint(clip), training=settings.as_metadata())
         save_identity(identity, path, overwrite=overwrite)
         cls.written_files.wrote(path)
         log.info("SeFi: saved identity %s (final loss %.4f)", path, result.losses[-1])
         curve = torch.from_numpy(loss_curve_image(result.losses, settings.steps)).unsqueeze(0)
-        return io.NodeOutput(identity, curve, ui=ui.PreviewImage(curve, cls=cls))
+        strip = preview_strip(previews[0].images, previews[0].steps) if previews and previews[0].images else \
+            np.full((64, 64, 3), 128, np.uint8)
+        strip = torch.from_numpy(strip.astype(np.float32) / 255).unsqueeze(0)
+        return io.NodeOutput(identity, curve, strip, ui=ui.PreviewImage(curve, cls=cls))

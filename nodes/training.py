@@ -326,10 +326,11 @@ def _hooks(modules, hook):
 
 
 def run_training(model, clip, vae, image, trigger: str, class_word: str, settings: TrainSettings,
-                 checkpointing: str = "auto", on_step=lambda step, losses: None, subject_mask=None) -> TrainResult:
+                 checkpointing: str = "auto", on_step=lambda step, losses: None, subject_mask=None,
+                 preview_every: int = 0, make_preview=None) -> TrainResult:
     """Trains an identity on clones of the host's model and CLIP; the host model's flags come back and what training
     loaded is given back, whether it ends, fails or is cancelled. Out of memory with checkpointing 'auto', it starts
-    again with gradient checkpointing on."""
+    again with gradient checkpointing on. make_preview(trainer) gives the on_preview callable for `preview_every`."""
     trainer = HostTrainer(model, clip, trigger, class_word, settings.attention_option, checkpointing == "on")
     # frozen() outside: the executor's inference mode is the only place the flags may be set back. The training clones'
     # modules are the host's own, or under dynamic VRAM a reloaded copy of them: either way, those are the ones to freeze.
@@ -340,10 +341,12 @@ def run_training(model, clip, vae, image, trigger: str, class_word: str, setting
             samples = trainer.training_samples(image, vae, settings.resolution,
                                                min(AUGMENTED_VIEWS, settings.steps), generator, subject_mask)
             trainer.find_loss_layers(samples[0][0])
+            on_preview = make_preview(trainer) if make_preview and preview_every else (lambda *args: None)
             while True:
                 try:
                     return train_tokens(settings, trainer.class_embedding, samples, trainer.encode_kv, trainer.denoise,
-                                        on_step, device=trainer.device, compute_dtype=trainer.dtype)
+                                        on_step, device=trainer.device, compute_dtype=trainer.dtype,
+                                        preview_every=preview_every, on_preview=on_preview)
                 except Exception as error:
                     if not (is_out_of_memory(error) and checkpointing == "auto" and not trainer.checkpointing.enabled):
                         raise

@@ -84,3 +84,16 @@ def loss_curve_image(losses: list[float], total_steps: int | None = None, width:
     draw.text(((left + right) // 2, height - 20), "step", fill=INK, font=tick_font, anchor="mm")
     draw.text((right, height - 20), "grey: per step   blue: smoothed", fill=(90, 90, 90), font=tick_font, anchor="rm")
     return np.asarray(image, dtype=np.float32) / 255.0
+
+
+def preview_strip(images: list[np.ndarray], steps: list[int]) -> np.ndarray:
+    """Training previews side by side, each labelled with its step: (H, W, 3) uint8 pictures -> one (H', W', 3)."""
+    height = max(image.shape[0] for image in images)
+    label = max(14, height // 12)
+    strip = Image.new("RGB", (sum(image.shape[1] for image in images), height + label + 6), "white")
+    draw, left = ImageDraw.Draw(strip), 0
+    for image, step in zip(images, steps):
+        strip.paste(Image.fromarray(image), (left, 0))
+        draw.text((left + image.shape[1] // 2, height + 3), f"step {step}", fill=INK, font=font(label), anchor="mt")
+        left += image.shape[1]
+    return np.asarray(strip)

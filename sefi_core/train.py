@@ -78,6 +78,7 @@ class TrainResult:
 EncodeKV = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 Denoise = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 OnStep = Callable[[int, list[float]], None]
+OnPreview = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -154,13 +155,16 @@ def check_progress(losses: list[float], first_step: int, mapper: TokenMapper, se
 def train_tokens(settings: TrainSettings, class_embedding: torch.Tensor, samples: list[tuple[torch.Tensor, torch.Tensor]],
                  encode_kv: EncodeKV, denoise: Denoise, on_step: OnStep = lambda step, losses: None,
                  device: torch.device | str = "cpu", compute_dtype: torch.dtype = torch.float32,
-                 readback_every: int = LOSS_READBACK_STEPS) -> TrainResult:
+                 readback_every: int = LOSS_READBACK_STEPS, preview_every: int = 0,
+                 on_preview: OnPreview = lambda step, k_tokens, v_tokens: None) -> TrainResult:
     """samples: (latent (1, 4, h, w), mask (1, 1, h, w)) augmented views of the image(s).
     encode_kv(template_index, k_token, v_token) -> (k_context, v_context), differentiable in the tokens.
     denoise(latent, noise, t, k_context, v_context, template_index) -> (eps_prediction, attention_loss).
     compute_dtype: the dtype the UNet computes in (fp16 turns loss scaling on).
     on_step(step, losses) runs after every step; `losses` grows every `readback_every` steps, because reading
-    the loss back from the GPU every step would make the CPU wait for it."""
+    the loss back from the GPU every step would make the CPU wait for it.
+    on_preview(steps_done, k_tokens, v_tokens) runs every `preview_every` steps (0: never) with the current tokens,
+    outside autograd; it draws nothing from the training's generator, so previews leave the result unchanged."""
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)  # the mapper's initial slots
     mapper = TokenMapper(class_embedding, settings.stage_count).to(device)
@@ -182,6 +186,9 @@ def train_tokens(settings: TrainSettings, class_embedding: torch.Tensor, samples
             losses += new
             pending = []
         on_step(step, losses)
+        if preview_every and (step + 1) % preview_every == 0:
+            with torch.no_grad():
+                on_preview(step + 1, *(t.detach() for t in mapper()))
     with torch.no_grad():
         k_tokens, v_tokens = mapper()
     return TrainResult(k_tokens.detach().cpu(), v_tokens.detach().cpu(), losses)

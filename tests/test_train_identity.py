@@ -2,8 +2,10 @@
 host model as it was."""
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import comfy_probe as probe
 from sefi_core.identity import load_identity
@@ -404,3 +406,55 @@ def test_a_subject_mask_that_does_not_fit_the_photo_is_refused_before_any_work(h
     with pytest.raises(ValueError, match=message):
         execute_training(host, model, clip, vae, "bad_mask", image=wide, subject_mask=make_mask())
     assert host.progress == [] and not list(host.identity_dir.glob("bad_mask*"))
+
+
+def test_previews_show_on_the_node_as_training_goes_and_leave_the_tokens_unchanged(host):
+    graph = train_graph("previewed", steps=6, preview_every=3, overwrite=True)
+    graph["5"] = {"class_type": "SaveImage", "inputs": {"images": ["3", 2], "filename_prefix": "previews"}}
+    with_previews = host.run(graph)
+    assert with_previews.success, with_previews.error
+    shown = list(host.previews)
+    tokens_with = load_identity(host.identity_dir / "previewed.safetensors")
+    assert host.run(train_graph("previewed", steps=6, preview_every=0, overwrite=True)).success
+    tokens_without = load_identity(host.identity_dir / "previewed.safetensors")
+    assert torch.equal(tokens_with.k_tokens, tokens_without.k_tokens)  # previews change nothing that is trained
+    assert torch.equal(tokens_with.v_tokens, tokens_without.v_tokens)
+    assert [step for step, _ in shown] == [3, 6] and host.previews == []
+    assert all(kind == "JPEG" and picture.size == (64, 64) for _, (kind, picture, _) in shown)  # 64 px training
+    strip = Image.open(host.saved_images(with_previews, "5")[0])
+    assert strip.width == 2 * 64 and strip.height > 64  # both previews side by side, their steps below
+
+
+def test_previews_sample_through_applys_path_with_the_same_seed(host):
+    """A preview at a step equals what Apply + KSampler make from the same tokens, prompt and seed."""
+    model, clip, vae = host.load_checkpoint("tiny.safetensors")
+    training = trainer_module(host)
+    preview_module = sys.modules[host.pack.__name__ + ".nodes.preview"]
+    g = torch.Generator().manual_seed(5)
+    k, v = torch.randn(5, 768, generator=g) * 0.02, torch.randn(5, 768, generator=g) * 0.02
+    trainer = training.HostTrainer(model, clip, "sks", "person", "all")
+    with torch.inference_mode(), training.frozen(model.model, clip.cond_stage_model), torch.inference_mode(False):
+        trainer.load()
+        preview = preview_module.TrainingPreview(trainer, vae, "a portrait photo of sks", "sks", "person", 64, 7)
+        first, again = preview(10, k, v), preview(20, k, v)
+        trainer.release()
+    assert np.array_equal(first, again)  # the same seed each time: previews compare
+    from sefi_core.identity import Identity, save_identity
+    save_identity(Identity(k, v, "sks"), host.identity_dir / "preview_tokens.safetensors", overwrite=True)
+    graph = probe.txt2img_graph("a portrait photo of sks", preview_module.PREVIEW_NEGATIVE,
+                                identity="preview_tokens.safetensors")
+    graph["7"]["inputs"].update(seed=7, steps=preview_module.PREVIEW_STEPS, cfg=preview_module.PREVIEW_CFG,
+                                sampler_name="euler", scheduler="normal")
+    result = host.run(graph)
+    assert result.success, result.error
+    latent = probe.saved_latent(host, result)
+    with torch.inference_mode():
+        decoded = (vae.decode(latent)[0].clamp(0, 1).float().numpy() * 255).round().astype(np.uint8)
+    assert np.abs(decoded.astype(int) - first.astype(int)).max() <= 1
+
+
+def test_a_preview_prompt_without_the_trigger_is_refused_before_any_work(host):
+    result = host.run(train_graph("no_trigger", steps=50, preview_every=10, preview_prompt="a portrait photo"))
+    assert not result.success and host.progress == []
+    assert ("preview_prompt 'a portrait photo' does not contain the trigger word 'sks', so the previews would not show "
+            "the identity.") in result.error["exception_message"]

@@ -93,6 +93,7 @@ class Host:
         self.repo_root = Path(repo_root).resolve()
         self.work_dir = Path(work_dir).resolve()
         self.progress: list[tuple[int, int]] = []
+        self.previews: list[tuple[int, Any]] = []  # (progress value, the preview image a node sent with it)
         self._interrupt_tick: int | None = None
         self._import_modules()
         self._set_folders(data_dir)
@@ -167,6 +168,8 @@ class Host:
         from comfy_execution.utils import get_executing_context
 
         self.progress.append((value, total))
+        if preview_image is not None:
+            self.previews.append((value, preview_image))
         if self._interrupt_tick is not None and len(self.progress) >= self._interrupt_tick:
             self._interrupt_tick = None
             self.model_management.interrupt_current_processing(True)
@@ -193,6 +196,7 @@ class Host:
         self.model_management.interrupt_current_processing(False)
         self._interrupt_tick = None
         self.progress.clear()
+        self.previews.clear()
         self.server.events.clear()
 
     def run(self, prompt: dict, fresh: bool = True) -> Result:
@@ -201,6 +205,7 @@ class Host:
         if fresh:
             self.executor.reset()
         self.progress.clear()
+        self.previews.clear()
         self.server.events.clear()
         self.model_management.interrupt_current_processing(False)
         self._materialize_checkpoints(prompt)
