@@ -69,8 +69,8 @@ def workflows(Node, Note) -> dict[str, list]:
 
     out["1_train_and_generate"] = [
         Note(100, (0, 0), "1. Train an identity from one photo\n\nLoad your SD1.x checkpoint and ONE photo of the person "
-             "(or pet). SeFi Train Identity learns ten tokens (~30 KB) in about 1000 steps, shows its loss on the node and "
-             "saves models/sefi_identities/my_identity.safetensors. Settings are the paper's; class_word 'dog', 'cat'... "
+             "(or pet). SeFi Train Identity learns ten tokens (~30 KB) in about 1000 steps, shows its loss and a preview "
+             "every 250 steps on the node and saves models/sefi_identities/my_identity.safetensors. Settings are the paper's; class_word 'dog', 'cat'... "
              "for non-faces. Cancel stops it and saves nothing; change the name (or turn on overwrite) to train again.",
              size=(680, 100)),
         Note(101, (720, 0), "2. Generate with it straight away\n\nSeFi Apply Stage Tokens patches a copy of the model "
@@ -81,6 +81,8 @@ def workflows(Node, Note) -> dict[str, list]:
         Node(3, "SefiTrainIdentity", (360, ROW), {"name": "my_identity", "trigger": "sks", "class_word": "person"},
              {"model": m, "clip": c, "vae": v, "image": (2, 0)}, size=(320, 640)),
         apply(5, (720, ROW), m, c, (3, 0)),
+        Node(24, "SaveImage", (720, 420), {"filename_prefix": "sefi_training_previews"}, {"images": (3, 2)},
+             size=(300, 280), title="Training previews"),
         positive(20, (1060, ROW), (5, 1), "a photo of sks as an old man playing guitar in Paris", width=320),
         negative(7, (1060, 330), (5, 1), width=320),
         latent(8, (1060, 480)),

@@ -11,7 +11,9 @@ Everything is put back afterwards.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -71,3 +73,28 @@ def emulate(setup: DtypeSetup):
         mm.should_use_fp16, mm.should_use_bf16 = saved_policy
         attention.optimized_attention, attention.optimized_attention_masked = saved_attention
         mm.unload_all_models()  # nothing loaded under the set-up outlives it
+
+
+SLOW_HALF_CONV_RATIO = 20.0  # fp16 convolutions this many times slower than fp32: no hardware support for them
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_half_convolution_slowdown() -> float:
+    """How many times slower an fp16 3x3 convolution is than fp32 on this CPU. Without AVX-512 (FP16/BF16) or AMX,
+    PyTorch falls back to a reference kernel ~250x slower: a 512 px UNet pass in fp16 then takes an hour here."""
+    x, w = torch.randn(1, 128, 32, 32), torch.randn(128, 128, 3, 3)
+    seconds = {}
+    for dtype in (torch.float32, torch.float16):
+        a, b = x.to(dtype), w.to(dtype)
+        torch.nn.functional.conv2d(a, b, padding=1)  # warm-up
+        runs = []
+        for _ in range(3):  # the fastest of three: other work on the machine only slows a run down
+            start = time.perf_counter()
+            torch.nn.functional.conv2d(a, b, padding=1)
+            runs.append(time.perf_counter() - start)
+        seconds[dtype] = min(runs)
+    return seconds[torch.float16] / max(seconds[torch.float32], 1e-6)
+
+
+def half_precision_is_slow_here() -> bool:
+    return cpu_half_convolution_slowdown() > SLOW_HALF_CONV_RATIO
