@@ -99,10 +99,16 @@ def perturbed_mapper(mapper_module, class_embedding):
     return mapper
 
 
-def mapper_gradients(host, setup, t, resolution=64, loss_scaling=True, loss_factor=1.0):
+def skip_512_px_where_fp16_is_slow():
+    if gpu.half_precision_is_slow_here():
+        pytest.skip(f"this CPU computes fp16 convolutions {gpu.cpu_half_convolution_slowdown():.0f}x slower than fp32 "
+                    "(no AVX-512 FP16/BF16 or AMX): a 512 px fp16 UNet pass would take about an hour. The 64 px cases "
+                    "run here; bench/gpu_check.sh checks fp16 against fp32 at 512 px on CUDA.")
+
+
+def mapper_gradients(host, setup, t, resolution=64, loss_scaling=True):
     """Unscaled mapper gradients of L_KV and of lambda * L_attn on one fixed batch, computed the way the training
-    loop does (the same loss terms and the same loss scaler), under `setup`. loss_factor multiplies both terms (and
-    divides the gradients back): the per-element gradient size of another resolution at this one's cost."""
+    loop does (the same loss terms and the same loss scaler), under `setup`."""
     _, train, mapper_module = modules(host)
     with host_trainer(host, setup) as (trainer, clip, vae):
         batch = fixed_batch(host, trainer, train, vae, t, resolution)
@@ -113,9 +119,9 @@ def mapper_gradients(host, setup, t, resolution=64, loss_scaling=True, loss_fact
         params = list(mapper.parameters())
         grads = []
         for term in (l_kv, LAMBDA * l_attn):
-            scaled = torch.autograd.grad(scaler.scale(term * loss_factor), params, retain_graph=True, allow_unused=True)
+            scaled = torch.autograd.grad(scaler.scale(term), params, retain_graph=True, allow_unused=True)
             flat = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(scaled, params)])
-            grads.append(flat.double() / scaler.get_scale() / loss_factor)
+            grads.append(flat.double() / scaler.get_scale())
     return grads, l_kv.item(), l_attn.item(), scaler.is_enabled()
 
 
@@ -131,10 +137,8 @@ def assert_matches(reference, half, label):
                                                (gpu.FP8_MANUAL_CAST, 64)], ids=lambda v: str(v))
 @pytest.mark.parametrize("t", [100, 700])
 def test_half_precision_mapper_gradients_match_fp32(host, setup, resolution, t):
-    if resolution > 64 and gpu.half_precision_is_slow_here():
-        pytest.skip(f"this CPU computes fp16 convolutions {gpu.cpu_half_convolution_slowdown():.0f}x slower than fp32 "
-                    "(no AVX-512 FP16/BF16 or AMX): a 512 px fp16 pass would take about an hour. The 64 px cases run "
-                    "here; bench/gpu_check.sh checks 512 px on CUDA.")
+    if resolution > 64:
+        skip_512_px_where_fp16_is_slow()
     # The same model in fp32: fp8-stored weights are compared with themselves computed in fp32.
     reference_setup = gpu.FP8_AS_FP32 if setup is gpu.FP8_MANUAL_CAST else gpu.CPU_FP32
     reference, loss_32, attn_loss_32, _ = mapper_gradients(host, reference_setup, t, resolution)
@@ -147,13 +151,11 @@ def test_half_precision_mapper_gradients_match_fp32(host, setup, resolution, t):
 
 def test_loss_scaling_keeps_fp16_gradients_from_underflowing(host):
     """At 512 px the per-element gradients of L_KV are ~1e-4, where fp16 loses digits on the way back through the
-    UNet: unscaled, the gradient comes back measurably short; scaled, it matches fp32's. Where fp16 convolutions have
-    no hardware support here, the same gradient sizes are made at 64 px: the loss times (64/512)^2, as a mean over
-    64x more latent elements would give."""
-    resolution, factor = (64, (64 / 512) ** 2) if gpu.half_precision_is_slow_here() else (512, 1.0)
-    (reference, _), *_ = mapper_gradients(host, gpu.CPU_FP32, 300, resolution, loss_factor=factor)
-    (scaled, _), *_ = mapper_gradients(host, gpu.FP16_SDPA, 300, resolution, loss_factor=factor)
-    (unscaled, _), *_ = mapper_gradients(host, gpu.FP16_SDPA, 300, resolution, loss_scaling=False, loss_factor=factor)
+    UNet: unscaled, the gradient comes back measurably short; scaled, it matches fp32's."""
+    skip_512_px_where_fp16_is_slow()
+    (reference, _), *_ = mapper_gradients(host, gpu.CPU_FP32, 300, 512)
+    (scaled, _), *_ = mapper_gradients(host, gpu.FP16_SDPA, 300, 512)
+    (unscaled, _), *_ = mapper_gradients(host, gpu.FP16_SDPA, 300, 512, loss_scaling=False)
     error = lambda g: float((g - reference).norm() / reference.norm())
     assert error(scaled) * 10 < error(unscaled), (error(scaled), error(unscaled))
 
