@@ -96,5 +96,17 @@ def cpu_half_convolution_slowdown() -> float:
     return seconds[torch.float16] / max(seconds[torch.float32], 1e-6)
 
 
+HALF_PRECISION_CPU_FLAGS = {"avx512_fp16", "avx512_bf16", "amx_fp16", "amx_bf16"}  # what fast fp16/bf16 kernels need
+
+
 def half_precision_is_slow_here() -> bool:
+    """From the CPU's flags where Linux lists them (a timing is at the mercy of other work on the machine), else from
+    a timing."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = {flag for line in cpuinfo if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        flags = set()
+    if flags:
+        return not flags & HALF_PRECISION_CPU_FLAGS
     return cpu_half_convolution_slowdown() > SLOW_HALF_CONV_RATIO
