@@ -46,7 +46,7 @@ def main():
     host = Host(find_comfyui(), ROOT, tempfile.mkdtemp(prefix="sefi-bench-preview-"), data_dir=ROOT / "tests" / "data")
     pack = host.pack.__name__
     training, train = sys.modules[pack + ".nodes.training"], sys.modules[pack + ".sefi_core.train"]
-    preview_module, host_mod = sys.modules[pack + ".nodes.preview"], sys.modules[pack + ".nodes.host"]
+    preview_module, host_mod = sys.modules[pack + ".nodes.preview"], sys.modules[pack + ".nodes.clip_tokens"]
     model, clip, vae = host.load_checkpoint(host.checkpoint(args.preset))
     image = host.nodes.LoadImage().load_image("astronaut.png")[0]
     trainer = training.HostTrainer(model, clip, "sks", "person", "all")

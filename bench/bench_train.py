@@ -65,7 +65,7 @@ def measure(args) -> dict:
     pack = host.pack.__name__
     training = sys.modules[pack + ".nodes.training"]
     train = sys.modules[pack + ".sefi_core.train"]
-    host_mod = sys.modules[pack + ".nodes.host"]
+    host_mod = sys.modules[pack + ".nodes.clip_tokens"]
     setup = dtype_setup(args.setup)
     checkpoint = host.checkpoint(args.preset)
     with gpu.emulate(setup):

@@ -3,16 +3,20 @@ from comfy_api.latest import ComfyExtension, io
 
 from .apply_stage_tokens import SefiApplyStageTokens
 from .attention_preview import SefiAttentionMapPreview
-from .host import register_identity_folder
+from .folders import register_folders
 from .load_identity import SefiLoadIdentity
+from .pva_fine_tune import PVAFineTuneIdentity
+from .pva_nodes import PVAApply, PVALoadEncoder, PVALoadFaceRecognizer, PVALoadIdentity
+from .pva_train_encoder import PVATrainEncoder
 from .train_identity import SefiTrainIdentity
 
-register_identity_folder()
+register_folders()
 
 
 class SefiExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [SefiTrainIdentity, SefiLoadIdentity, SefiApplyStageTokens, SefiAttentionMapPreview]
+        return [SefiTrainIdentity, SefiLoadIdentity, SefiApplyStageTokens, SefiAttentionMapPreview,
+                PVALoadFaceRecognizer, PVALoadEncoder, PVATrainEncoder, PVAFineTuneIdentity, PVALoadIdentity, PVAApply]
 
 
 async def comfy_entrypoint() -> SefiExtension:

@@ -7,7 +7,9 @@ from comfy_api.latest import io
 from ..sefi_core.identity import validate_trigger
 from ..sefi_core.prompt_tokens import IdentitySlot, blend_toward_class
 from ..sefi_core.stages import ActiveRange
-from . import host
+from .checks import check_sd1_clip, check_sd1_model
+from .clip_tokens import model_fingerprint, word_embedding, word_token_ids
+from .sefi_patches import SefiIdentity, patch_clip, patch_model
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,7 @@ class SefiApplyStageTokens(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="An SD1.x model (SD 1.4/1.5, fine-tunes, SD1.5 inpainting)."),
                 io.Clip.Input("clip", tooltip="The CLIP of the same SD1.x checkpoint."),
-                host.SefiIdentity.Input("identity", tooltip="From SeFi Load Identity or SeFi Train Identity."),
+                SefiIdentity.Input("identity", tooltip="From SeFi Load Identity or SeFi Train Identity."),
                 io.String.Input("trigger", default="",
                                 tooltip="The word your prompts use for this identity, e.g. 'sks' in 'a photo of sks "
                                         "laughing'. Leave empty to use the identity's own trigger."),
@@ -47,13 +49,13 @@ class SefiApplyStageTokens(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, identity, trigger, strength, start_percent, end_percent) -> io.NodeOutput:
-        host.check_sd1_model(model)
-        host.check_sd1_clip(clip)
+        check_sd1_model(model)
+        check_sd1_clip(clip)
         if not 0.0 <= start_percent < end_percent <= 1.0:
             raise ValueError(f"start_percent {start_percent} must be below end_percent {end_percent} (both 0-1); "
                              "otherwise the identity never acts.")
         trigger = validate_trigger(trigger, identity.class_word) if trigger.strip() else identity.trigger
-        if identity.base_model and identity.base_model != host.model_fingerprint(clip):
+        if identity.base_model and identity.base_model != model_fingerprint(clip):
             log.info("SeFi: identity %r was trained on another SD1.x text encoder; it usually transfers, "
                      "retrain on this model if likeness suffers.", identity.trigger)
         return io.NodeOutput(*apply_identity(model, clip, identity, trigger, strength, start_percent, end_percent))
@@ -63,7 +65,7 @@ def apply_identity(model, clip, identity, trigger: str, strength: float = 1.0, s
                    end_percent: float = 1.0):
     """(MODEL, CLIP) clones through which `trigger` in a prompt means `identity`: what this node returns, and what
     Train Identity's previews sample with."""
-    class_embedding = host.word_embedding(clip, identity.class_word)
+    class_embedding = word_embedding(clip, identity.class_word)
     slot = IdentitySlot(
         trigger=trigger,
         k_tokens=blend_toward_class(identity.k_tokens, class_embedding, strength),
@@ -72,5 +74,5 @@ def apply_identity(model, clip, identity, trigger: str, strength: float = 1.0, s
         boundaries=identity.boundaries,
         active=ActiveRange.from_percent(start_percent, end_percent),
     )
-    ids = host.word_token_ids(clip, trigger)
-    return host.patch_model(model), host.patch_clip(clip, ids, slot)
+    ids = word_token_ids(clip, trigger)
+    return patch_model(model), patch_clip(clip, ids, slot)

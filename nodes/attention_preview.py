@@ -10,7 +10,9 @@ import comfy.samplers
 from comfy_api.latest import io, ui
 
 from ..sefi_core.attention_maps import head_mean_probs, prompt_words, render_grid, word_maps, word_positions
-from . import host
+from .checks import check_sd1_clip, check_sd1_model, validation_result
+from .clip_tokens import word_token_ids
+from .sefi_patches import slot_of
 
 LAYER_CHOICES = {  # layer grid as a fraction of the latent grid
     "1/2 latent (32x32 at 512 px, the paper's)": 2,
@@ -94,12 +96,12 @@ class SefiAttentionMapPreview(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, layers=None):
         """Runs in the host's validator, before anything executes, in place of its own 'Value not in list'."""
-        return host.validation_result(check_layers, layers)
+        return validation_result(check_layers, layers)
 
     @classmethod
     def execute(cls, model, clip, prompt, words, at_percent, layers, seed, image=None, vae=None, latent=None) -> io.NodeOutput:
-        host.check_sd1_model(model)
-        host.check_sd1_clip(clip)
+        check_sd1_model(model)
+        check_sd1_clip(clip)
         check_layers(layers)
         samples, picture = cls.inputs_to_latent(image, vae, latent)
         tokens = clip.tokenize(prompt)
@@ -130,8 +132,8 @@ class SefiAttentionMapPreview(io.ComfyNode):
 
     @staticmethod
     def locate(clip, tokens, word):
-        trigger = lambda t: (host.slot_of(t) is not None and host.slot_of(t).trigger.lower() == word.lower())
-        return word_positions(tokens["l"], word, host.word_token_ids(clip, word), trigger)
+        trigger = lambda t: (slot_of(t) is not None and slot_of(t).trigger.lower() == word.lower())
+        return word_positions(tokens["l"], word, word_token_ids(clip, word), trigger)
 
     @staticmethod
     def record_maps(model, positive, samples, at_percent, layer_factor, seed):

@@ -1,20 +1,16 @@
 """SeFi Load Identity: an identity file from models/sefi_identities -> SEFI_IDENTITY."""
-import os
-
 from comfy_api.latest import io
 
 from ..sefi_core.identity import load_identity
-from .host import SefiIdentity, identity_files, identity_path, validation_result
+from .checks import validation_result
+from .folders import IDENTITY_FOLDER, check_in_folder, file_fingerprint, identity_files, identity_path
+from .sefi_patches import SefiIdentity
 
 
 def check_available(identity_file: str | None) -> None:
-    available = identity_files()
-    if identity_file is not None and identity_file not in available:
-        found = ", ".join(available) if available else "none yet"
-        raise FileNotFoundError(
-            f"No identity file {identity_file!r} in models/sefi_identities (there: {found}). Train one first with "
-            "SeFi Train Identity (the workflow 1_train_and_generate does it from one photo), then press R in "
-            "ComfyUI to refresh this list, or pick one of the files there.")
+    check_in_folder(identity_file, IDENTITY_FOLDER, "identity file",
+                    "Train one first with SeFi Train Identity (the workflow 1_train_and_generate does it from one "
+                    "photo), then press R in ComfyUI to refresh this list, or pick one of the files there.")
 
 
 class SefiLoadIdentity(io.ComfyNode):
@@ -39,11 +35,7 @@ class SefiLoadIdentity(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, identity_file):
-        try:
-            stat = os.stat(identity_path(identity_file))
-        except (FileNotFoundError, OSError):
-            return f"{identity_file}:missing"  # execute() says what to do
-        return f"{identity_file}:{stat.st_mtime_ns}:{stat.st_size}"  # re-run when the file changes
+        return file_fingerprint(identity_file, IDENTITY_FOLDER)  # re-run when the file changes
 
     @classmethod
     def validate_inputs(cls, identity_file=None):

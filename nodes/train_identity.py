@@ -1,4 +1,5 @@
-"""SeFi Train Identity: one photo + the loaded SD1.x model -> an identity, saved to models/sefi_identities."""
+"""SeFi Train Identity: one photo (or several) + the loaded SD1.x model -> an identity, saved to models/sefi_identities;
+or a saved identity trained further (continue_from)."""
 import logging
 import os
 import re
@@ -12,49 +13,84 @@ import comfy.utils
 from comfy_api.latest import io, ui
 
 from ..sefi_core.augment import EMPTY_SUBJECT_MASK
-from ..sefi_core.identity import (Identity, IdentityError, save_identity, validate_class_word, validate_identity_name,
-                                 validate_trigger)
+from ..sefi_core.identity import (Identity, IdentityError, load_identity, save_identity, validate_class_word,
+                                 validate_identity_name, validate_trigger)
 from ..sefi_core.losses import ATTENTION_OPTIONS
 from ..sefi_core.plot import loss_curve_image, preview_strip, smoothed, smoothing_span
 from ..sefi_core.train import TrainSettings
-from . import host
+from ..sefi_core.train_state import (TrainState, TrainStateError, load_train_state, photos_digest, save_train_state,
+                                     tokens_digest)
+from .checks import check_sd1_clip, check_sd1_model, validation_result
+from .clip_tokens import model_fingerprint
+from .node_ui import show_text_on_node
+from .sefi_patches import SefiIdentity
+from .folders import (IDENTITY_FOLDER, file_fingerprint, identity_files, identity_path, identity_save_dir,
+                      train_state_path)
+from .load_identity import check_available
 from .preview import DEFAULT_PREVIEW_PROMPT, TrainingPreview
-from .training import CHECKPOINTING_MODES, run_training
+from .training import CHECKPOINTING_MODES, checkpointing_input, run_training
 
 log = logging.getLogger(__name__)
 MIN_IMAGE_SIDE = 64  # pixels; below this there is no face to learn
 MAX_ASPECT = 4.0
-PREVIEW_SHOWN_SIZE = 512  # the longest side of a preview on the node  # the centre square of a thinner image holds little of it
+PREVIEW_SHOWN_SIZE = 512  # the longest side of a preview on the node
+NEW_IDENTITY = "none (new identity)"  # continue_from's first choice
 
 
-def check_image(image: torch.Tensor) -> None:
-    """The photo must be a real picture: finite pixels, big enough to learn from."""
-    if image.ndim != 4 or image.shape[0] == 0:
-        raise ValueError(f"The image has shape {tuple(image.shape)}; connect a Load Image node (one photo, or a batch).")
-    if not torch.isfinite(image).all():
-        raise ValueError("The image has NaN or infinite pixel values, so there is nothing to learn from. Check the node "
+def photos_of(images: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The photos (H, W, C) of an IMAGE list (each entry a batch; sizes may differ between entries)."""
+    if not images or any(not isinstance(batch, torch.Tensor) or batch.ndim != 4 or batch.shape[0] == 0
+                         for batch in images):
+        shapes = [tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__ for b in images]
+        raise ValueError(f"The image input holds {shapes}; connect a Load Image node (one photo), a batch, or a list "
+                         "of photos (e.g. Load Image (from Folder)).")
+    return [photo for batch in images for photo in batch]
+
+
+def check_photo(photo: torch.Tensor, number: int, count: int) -> None:
+    """Each photo must be a real picture: finite pixels, big enough to learn from."""
+    which = f"Photo {number} of {count}" if count > 1 else "The image"
+    if not torch.isfinite(photo).all():
+        raise ValueError(f"{which} has NaN or infinite pixel values, so there is nothing to learn from. Check the node "
                          "that made it (a decode or an upscale gone wrong?) or load the photo directly with Load Image.")
-    height, width = image.shape[1:3]
+    height, width = photo.shape[:2]
     if min(height, width) < MIN_IMAGE_SIDE:
-        raise ValueError(f"The image is {width}x{height} pixels; SeFi Train Identity needs at least {MIN_IMAGE_SIDE} "
+        raise ValueError(f"{which} is {width}x{height} pixels; SeFi Train Identity needs at least {MIN_IMAGE_SIDE} "
                          "on the short side (512 or more is best). Use a larger photo of the subject.")
     if max(height, width) / min(height, width) > MAX_ASPECT:
-        log.warning("SeFi: the image is %dx%d; training uses its centre square, which holds little of so thin a "
-                    "picture. Crop the photo around the subject for a better identity.", width, height)
+        log.warning("SeFi: %s is %dx%d; training uses its centre square, which holds little of so thin a picture. "
+                    "Crop the photo around the subject for a better identity.", which.lower(), width, height)
 
 
-def check_subject_mask(mask: torch.Tensor | None, image: torch.Tensor) -> None:
-    """One mask for all photos or one per photo, the photos' size, not empty."""
-    if mask is None:
-        return
-    photos, height, width = image.shape[:3]
-    if mask.ndim != 3 or mask.shape[1:] != (height, width) or mask.shape[0] not in (1, photos):
-        raise ValueError(f"The subject mask is {'x'.join(map(str, mask.shape[1:][::-1]))} pixels ({mask.shape[0]} "
-                         f"mask(s)) but the photo is {width}x{height} ({photos} photo(s)). Paint the mask on this "
-                         "photo (right-click Load Image > Open in MaskEditor and use that node's MASK output), or give "
-                         "one mask of the photo's size.")
-    if not bool((mask > 0.5).flatten(1).any(1).all()):
-        raise ValueError(EMPTY_SUBJECT_MASK)
+def subject_masks_for(masks: list[torch.Tensor] | None, photos: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """One mask (H, W) per photo: the masks given one per photo, or one mask for photos all of its size; none empty."""
+    if masks is None:
+        return None
+    masks = [m for batch in masks for m in (batch if batch.ndim == 3 else batch[None])]
+    sizes = lambda shapes: ", ".join(f"{w}x{h}" for h, w in shapes)
+    photo_sizes, mask_sizes = [tuple(p.shape[:2]) for p in photos], [tuple(m.shape[-2:]) for m in masks]
+    if len(masks) == 1 and len(photos) > 1:
+        masks, mask_sizes = masks * len(photos), mask_sizes * len(photos)
+    if len(masks) != len(photos) or mask_sizes != photo_sizes:
+        raise ValueError(f"The subject mask(s) ({len(masks)}: {sizes(mask_sizes[:4])}) do not fit the photo(s) "
+                         f"({len(photos)}: {sizes(photo_sizes[:4])}). Paint the mask on this photo (right-click Load "
+                         "Image > Open in MaskEditor and use that node's MASK output), and give one mask per photo, or "
+                         "one mask for photos all of its size.")
+    for number, mask in enumerate(masks, 1):
+        if not bool((mask > 0.5).any()):
+            raise ValueError(EMPTY_SUBJECT_MASK + (f" (mask {number} of {len(masks)})" if len(masks) > 1 else ""))
+    return masks
+
+
+def single_values(inputs: dict, node: str = "SeFi Train Identity", lists: str = "'image' and 'subject_mask'") -> dict:
+    """The node takes its inputs as lists (the photos may be a list of different sizes); every other input must hold
+    one value, as one identity is trained per run."""
+    for name, values in inputs.items():
+        if len(values) != 1:
+            raise ValueError(f"'{name}' received a list of {len(values)} values, but {node} trains one identity per "
+                             f"run from one set of settings. Connect a single value to '{name}'; only {lists} take "
+                             "lists (several photos of one subject).")
+    return {name: values[0] for name, values in inputs.items()}
 
 
 def check_preview_prompt(prompt: str, trigger: str) -> str:
@@ -69,6 +105,38 @@ def check_preview_prompt(prompt: str, trigger: str) -> str:
 
 COMBO_CHOICES = {"kv_pairs": ("5", "1", "10"), "attention_loss": tuple(ATTENTION_OPTIONS),
                  "gradient_checkpointing": CHECKPOINTING_MODES}
+
+
+def check_continue_from(continue_from: str | None) -> None:
+    if continue_from not in (None, NEW_IDENTITY):
+        check_available(continue_from)
+
+
+def continuation(identity_file: str, clip, steps: int) -> tuple[Identity, TrainState, TrainSettings]:
+    """The saved identity to continue, its training state and the settings to go on with (its own, `steps` more)."""
+    check_available(identity_file)
+    identity = load_identity(identity_path(identity_file))
+    state_path = train_state_path(identity_file)
+    if not os.path.exists(state_path):
+        raise TrainStateError(f"{identity_file} has no training state in models/sefi_training_state (it was trained "
+                              "with keep_training_state off, or the state was deleted), so it cannot be continued. "
+                              f"Train it anew with keep_training_state on, or set continue_from to '{NEW_IDENTITY}'.")
+    state = load_train_state(state_path)
+    if state.tokens != tokens_digest(identity.k_tokens, identity.v_tokens):
+        raise TrainStateError(f"The training state {os.path.basename(state_path)} belongs to another training than "
+                              f"the identity file {identity_file} now holds (the file was replaced or edited), so "
+                              "continuing from it would not go on from these tokens. Train the identity anew, or "
+                              "continue from the identity the state was saved with.")
+    if identity.base_model and identity.base_model != model_fingerprint(clip):
+        raise ValueError(f"{identity_file} was trained on another model (fingerprint {identity.base_model}, this CLIP's "
+                         f"is {model_fingerprint(clip)}); continuing needs the checkpoint it was trained on. Load "
+                         f"that checkpoint, or set continue_from to '{NEW_IDENTITY}' to train on this one.")
+    try:
+        settings = TrainSettings(**{**state.settings, "steps": state.steps_done + steps})
+    except (TypeError, ValueError) as e:
+        raise TrainStateError(f"The training state of {identity_file} holds settings this pack cannot use ({e}). "
+                              "Train the identity anew.") from None
+    return identity, state, settings
 
 
 def check_choices(**values) -> None:
@@ -92,7 +160,7 @@ def progress_reporter(total_steps: int, node_id: str | None):
         if len(losses) > shown[0]:
             shown[0] = len(losses)
             loss = smoothed(losses[-10 * span:], span)[-1]  # older steps weigh < e^-20
-            host.show_text_on_node(node_id, f"step {len(losses)}/{total_steps}: loss {loss:.4f} (smoothed)")
+            show_text_on_node(node_id, f"step {len(losses)}/{total_steps}: loss {loss:.4f} (smoothed)")
             if len(losses) % 100 == 0 or len(losses) == total_steps:
                 log.info("SeFi training step %d/%d loss %.4f (smoothed)", len(losses), total_steps, loss)
         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -100,6 +168,33 @@ def progress_reporter(total_steps: int, node_id: str | None):
     def show_preview(step, image):
         progress.update_absolute(step, total_steps, ("JPEG", Image.fromarray(image), PREVIEW_SHOWN_SIZE))
     return on_step, show_preview
+
+
+def announce_continuation(node_id, identity_file: str, state: TrainState, settings: TrainSettings, photos: str):
+    """Says on the node and in the log which settings a continued run goes on with (the node's own are not used)."""
+    text = (f"Continuing {identity_file} from step {state.steps_done} to {settings.steps} with its settings: learning "
+            f"rate {settings.learning_rate:g}, attention weight {settings.attention_weight:g}, seed {settings.seed}, "
+            f"{settings.resolution} px, {settings.stage_count} K/V pairs.")
+    if state.photos and state.photos != photos:
+        text += " The photos (or masks) differ from the first run's, so it will not end where one long run ends."
+    show_text_on_node(node_id, text)
+    log.info("SeFi: %s", text)
+
+
+def keep_state(state: TrainState, identity: Identity, identity_file: str, photos: str, keep: bool) -> None:
+    """The run's training state beside the identity just saved (or, not kept, any older state of that name removed:
+    it belonged to the file just replaced)."""
+    path = train_state_path(identity_file)
+    if keep:
+        state.tokens, state.photos = tokens_digest(identity.k_tokens, identity.v_tokens), photos
+        save_train_state(state, path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def _first(value):
+    """A validator's or fingerprint's value: a list of one under is_input_list (a plain value when called directly)."""
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
 
 
 class WrittenFiles:
@@ -129,16 +224,19 @@ class SefiTrainIdentity(io.ComfyNode):
             node_id="SefiTrainIdentity",
             display_name="SeFi Train Identity",
             category="SeFi-IDE",
-            description="Learns an identity (ten CLIP-L tokens, ~30 KB) from one photo on the model you loaded, "
-                        "and saves it to models/sefi_identities. About 1000 steps; Cancel stops it and saves nothing.",
+            description="Learns an identity (ten CLIP-L tokens, ~30 KB) from one photo (or a few) on the model you "
+                        "loaded, and saves it to models/sefi_identities. About 1000 steps; Cancel stops it and saves "
+                        "nothing. continue_from goes on training a saved identity.",
             is_output_node=True,
+            is_input_list=True,  # several photos of different sizes arrive as a list; see single_values
             inputs=[
                 io.Model.Input("model", tooltip="The SD1.x model to train on (not an inpainting checkpoint)."),
                 io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint."),
                 io.Vae.Input("vae", tooltip="The VAE of the same checkpoint; encodes the photo."),
-                io.Image.Input("image", tooltip="One photo of the subject (a batch of photos of the same subject "
-                                                "is used in turn). Any size; it is centre-cropped to a square, or "
-                                                "cropped around the subject mask when one is connected."),
+                io.Image.Input("image", tooltip="One photo of the subject, or several of the same subject (a batch, "
+                                                "or a list of any sizes such as Load Image (from Folder) gives), used "
+                                                "in turn. Each is centre-cropped to a square, or cropped around its "
+                                                "subject mask when one is connected."),
                 io.String.Input("name", default="my_identity",
                                 tooltip="File name in models/sefi_identities (letters, digits, - and _)."),
                 io.String.Input("trigger", default="sks",
@@ -168,10 +266,7 @@ class SefiTrainIdentity(io.ComfyNode):
                                        "only the trigger's (#1) or the prompt's tokens (#2)."),
                 io.Boolean.Input("overwrite", default=False,
                                  tooltip="Replace an identity file of the same name. Off: an existing name is an error."),
-                io.Combo.Input("gradient_checkpointing", options=list(CHECKPOINTING_MODES), default="auto", optional=True,
-                               tooltip="Saves GPU memory by recomputing activations during the backward pass, at "
-                                       "about a third more time per step. auto: off, and switched on by itself if the "
-                                       "GPU runs out of memory. on: for cards with 8 GB or less. off: fastest."),
+                checkpointing_input(),
                 io.Mask.Input("subject_mask", optional=True,
                               tooltip="Optional: where the subject is (paint it in Load Image's mask editor, or any "
                                       "segmentation node). Training then crops a square around it, kept whole, and "
@@ -180,13 +275,25 @@ class SefiTrainIdentity(io.ComfyNode):
                 io.Int.Input("preview_every", default=250, min=0, max=20000, optional=True,
                              tooltip="Every this many steps, sample one small image with the identity as it is so "
                                      "far (same seed each time, so they compare), shown on the node as training goes. "
-                                     "0: no previews. About 1% of the run's time at the defaults."),
+                                     "0: no previews. About 2% of the run's time at the defaults."),
                 io.String.Input("preview_prompt", default="", optional=True,
                                 tooltip="The prompt of the previews, with the trigger word. Empty: 'a portrait photo "
                                         "of <trigger>, looking at the camera'."),
+                io.Combo.Input("continue_from", options=[NEW_IDENTITY, *identity_files()], default=NEW_IDENTITY,
+                               optional=True,
+                               tooltip="Continue a saved identity for 'steps' more steps, with its own settings, "
+                                       "trigger and class word (this node's learning rate, seed, resolution, K/V "
+                                       "pairs, attention loss, trigger and class word are then not used). With the "
+                                       "same photos, 500 steps and then 500 more end exactly where 1000 steps end. "
+                                       "Needs the identity's training state (keep_training_state). The result is "
+                                       "saved under 'name'. Press R to refresh the list."),
+                io.Boolean.Input("keep_training_state", default=True, optional=True,
+                                 tooltip="Also save what continuing needs (the token mapper and optimiser, about "
+                                         "120 MB) in models/sefi_training_state. The identity file stays ~30 KB and "
+                                         "is all that applying or sharing it needs; delete the state any time."),
             ],
             outputs=[
-                host.SefiIdentity.Output(display_name="identity", tooltip="The trained identity, for SeFi Apply Stage Tokens."),
+                SefiIdentity.Output(display_name="identity", tooltip="The trained identity, for SeFi Apply Stage Tokens."),
                 io.Image.Output(display_name="loss_curve", tooltip="The training loss over the steps (also shown on "
                                                                    "this node)."),
                 io.Image.Output(display_name="previews", tooltip="The previews taken while training, side by side "
@@ -197,53 +304,78 @@ class SefiTrainIdentity(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, kv_pairs=None, attention_loss=None, gradient_checkpointing=None):
-        """Runs in the host's validator, before anything executes, in place of its own 'Value not in list'."""
-        return host.validation_result(check_choices, kv_pairs=kv_pairs, attention_loss=attention_loss,
-                                      gradient_checkpointing=gradient_checkpointing)
+    def validate_inputs(cls, kv_pairs=None, attention_loss=None, gradient_checkpointing=None, continue_from=None):
+        """Runs in the host's validator, before anything executes, in place of its own 'Value not in list'. Values come
+        as lists (is_input_list); None is an input linked to another node."""
+        return validation_result(lambda: (check_choices(
+            kv_pairs=_first(kv_pairs), attention_loss=_first(attention_loss),
+            gradient_checkpointing=_first(gradient_checkpointing)), check_continue_from(_first(continue_from))))
 
     @classmethod
-    def fingerprint_inputs(cls, name, **kwargs):
+    def fingerprint_inputs(cls, name, continue_from=None, **kwargs):
+        """The file it writes (trained again once deleted), and the identity it continues (again once that changed,
+        e.g. continuing an identity into itself goes on each time it is queued)."""
+        continued = _first(continue_from)
+        if continued not in (None, NEW_IDENTITY):
+            continued = file_fingerprint(continued, IDENTITY_FOLDER)
         try:
-            return cls.written_files.fingerprint(os.path.join(host.identity_save_dir(), validate_identity_name(name)))
+            name = _first(name)
+            path = os.path.join(identity_save_dir(), validate_identity_name(name))
+            return f"{cls.written_files.fingerprint(path)}|{continued}"
         except IdentityError:
             return name  # execute() reports the bad name
 
     @classmethod
-    def execute(cls, model, clip, vae, image, name, trigger, class_word, steps, learning_rate, attention_weight,
-                seed, resolution, kv_pairs, attention_loss, overwrite, gradient_checkpointing="auto",
-                subject_mask=None, preview_every=250, preview_prompt="") -> io.NodeOutput:
-        host.check_sd1_model(model)
-        host.check_sd1_clip(clip)
+    def execute(cls, image, subject_mask=None, **inputs) -> io.NodeOutput:
+        """The host's call: every input a list. The photos may be several, of different sizes; all else one value."""
+        return cls.train(photos_of(image), subject_mask, **single_values(inputs))
+
+    @classmethod
+    def train(cls, photos, subject_mask, model, clip, vae, name, trigger, class_word, steps, learning_rate,
+              attention_weight, seed, resolution, kv_pairs, attention_loss, overwrite, gradient_checkpointing="auto",
+              preview_every=250, preview_prompt="", continue_from=NEW_IDENTITY,
+              keep_training_state=True) -> io.NodeOutput:
+        check_sd1_model(model)
+        check_sd1_clip(clip)
         if model.model.concat_keys:
             raise ValueError("This is an inpainting checkpoint. Train on the ordinary SD1.x checkpoint; the identity "
                              "then works with the inpainting checkpoint too.")
-        path = os.path.join(host.identity_save_dir(), validate_identity_name(name))
+        path = os.path.join(identity_save_dir(), validate_identity_name(name))
         if os.path.exists(path) and not overwrite:
             raise IdentityError(f"An identity named {os.path.basename(path)!r} already exists. Choose another name, "
                                 "or switch 'overwrite' on to replace it.")
-        class_word = validate_class_word(class_word)
-        trigger = validate_trigger(trigger, class_word)
-        check_image(image)
-        check_subject_mask(subject_mask, image)
+        for number, photo in enumerate(photos, 1):
+            check_photo(photo, number, len(photos))
+        subject_masks = subject_masks_for(subject_mask, photos)
         check_choices(kv_pairs=kv_pairs, attention_loss=attention_loss, gradient_checkpointing=gradient_checkpointing)
-        settings = TrainSettings(steps=steps, learning_rate=learning_rate, attention_weight=attention_weight, seed=seed,
-                                 resolution=resolution, stage_count=int(kv_pairs),
-                                 attention_option=ATTENTION_OPTIONS[attention_loss])
+        node_id = cls.hidden.unique_id if cls.hidden else None
+        photos_id, resume = photos_digest(photos, subject_masks), None
+        if continue_from in (None, NEW_IDENTITY):
+            class_word = validate_class_word(class_word)
+            trigger = validate_trigger(trigger, class_word)
+            settings = TrainSettings(steps=steps, learning_rate=learning_rate, attention_weight=attention_weight,
+                                     seed=seed, resolution=resolution, stage_count=int(kv_pairs),
+                                     attention_option=ATTENTION_OPTIONS[attention_loss])
+        else:
+            continued, resume, settings = continuation(continue_from, clip, steps)
+            trigger, class_word = continued.trigger, continued.class_word
+            announce_continuation(node_id, continue_from, resume, settings, photos_id)
         preview_prompt = check_preview_prompt(preview_prompt, trigger)
-        on_step, show_preview = progress_reporter(settings.steps, cls.hidden.unique_id if cls.hidden else None)
+        on_step, show_preview = progress_reporter(settings.steps, node_id)
         previews = []
 
         def make_preview(trainer):
-            previews.append(TrainingPreview(trainer, vae, preview_prompt, trigger, class_word, resolution, seed))
+            previews.append(TrainingPreview(trainer, vae, preview_prompt, trigger, class_word, settings.resolution,
+                                            settings.seed))
             return lambda step, k, v: show_preview(step, previews[0](step, k, v))
 
-        result = run_training(model, clip, vae, image, trigger, class_word, settings, gradient_checkpointing, on_step,
-                              subject_mask, preview_every, make_preview)
+        result = run_training(model, clip, vae, photos, trigger, class_word, settings, gradient_checkpointing, on_step,
+                              subject_masks, preview_every, make_preview, resume)
         identity = Identity(result.k_tokens, result.v_tokens, trigger, class_word,
-                            base_model=host.model_fingerprint(clip), training=settings.as_metadata())
+                            base_model=model_fingerprint(clip), training=settings.as_metadata())
         save_identity(identity, path, overwrite=overwrite)
         cls.written_files.wrote(path)
+        keep_state(result.state, identity, os.path.basename(path), photos_id, keep_training_state)
         log.info("SeFi: saved identity %s (final loss %.4f)", path, result.losses[-1])
         curve = torch.from_numpy(loss_curve_image(result.losses, settings.steps)).unsqueeze(0)
         strip = preview_strip(previews[0].images, previews[0].steps) if previews and previews[0].images else \

@@ -29,17 +29,27 @@ import comfy.ldm.modules.attention
 import comfy.ldm.modules.diffusionmodules.openaimodel
 import comfy.model_management
 import comfy.patcher_extension
+from comfy_api.latest import io
 
 from ..sefi_core.augment import as_rgb, augment, center_square, subject_square
 from ..sefi_core.losses import attention_loss, token_mask
 from ..sefi_core.prompt_tokens import mark_triggers
 from ..sefi_core.train import PROMPT_TEMPLATES, TrainResult, TrainSettings, train_tokens
-from .host import OPTIONS_KEY, StageKVInjector, word_embedding, word_token_ids
+from .clip_tokens import word_embedding, word_token_ids
+from .sefi_patches import OPTIONS_KEY, StageKVInjector
 
 log = logging.getLogger(__name__)
 _SLOT = object()  # marks the trigger's slot while building training prompts
 AUGMENTED_VIEWS = 32  # augmented copies VAE-encoded once up front, then drawn at random each step
 CHECKPOINTING_MODES = ("auto", "on", "off")
+
+
+def checkpointing_input():
+    """The gradient_checkpointing input every training node declares."""
+    return io.Combo.Input("gradient_checkpointing", options=list(CHECKPOINTING_MODES), default="auto", optional=True,
+                          tooltip="Saves GPU memory by recomputing activations during the backward pass, at about a "
+                                  "third more time per step. auto: off, and switched on by itself if the GPU runs out "
+                                  "of memory. on: for cards with 8 GB or less. off: fastest.")
 
 
 def _identity(weight):
@@ -159,12 +169,14 @@ def is_out_of_memory(error: BaseException) -> bool:
     return bool(getattr(mm, "is_oom", lambda e: False)(error))
 
 
-class HostTrainer:
-    """The host-specific callables `sefi_core.train.train_tokens` needs, built on resident clones of the inputs."""
+class TrainingClones:
+    """Resident clones of the host's MODEL and CLIP that gradients flow through (module docstring), loaded with
+    load() and given back with release(); prompts with the trigger's slot filled by a differentiable embedding.
+    `patch_model` may add object patches to the model clone first (they are applied when it loads)."""
 
-    def __init__(self, model, clip, trigger: str, class_word: str, attention_option: str,
-                 gradient_checkpointing: bool = False):
+    def __init__(self, model, clip, trigger: str, patch_model=lambda clone: clone):
         self.model, self.clip = resident_clones(model, clip)
+        self.model = patch_model(self.model)
         _wrap_weights(self.model, self.model.model)
         _wrap_weights(self.clip.patcher, self.clip.cond_stage_model)
         layers = self.clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers
@@ -173,13 +185,9 @@ class HostTrainer:
                                                _out_of_place(layer))
         self.tokenizer = getattr(clip.tokenizer, "inner", clip.tokenizer)  # a SeFi CLIP's plain tokenizer
         self.trigger_ids = word_token_ids(clip, trigger)
-        self.trigger, self.attention_option = trigger, attention_option
-        self.class_embedding = word_embedding(clip, class_word)
+        self.trigger = trigger
         self.sampling = self.model.get_model_object("model_sampling")
-        self._prompts, self._references, self._masks = {}, {}, {}
-        self.loss_layers: list = []
-        self._loss_weights: dict = {}  # loss layer -> fp32 (to_q, to_k) weights
-        self.checkpointing = GradientCheckpointing(gradient_checkpointing)
+        self._prompts = {}
 
     def load(self) -> None:
         comfy.model_management.load_models_gpu([self.model, self.clip.patcher], force_full_load=True)
@@ -194,16 +202,45 @@ class HostTrainer:
         for i in reversed(range(len(loaded))):
             if loaded[i].model in (self.model, self.clip.patcher):
                 loaded.pop(i).model_unload()
+        comfy.model_management.soft_empty_cache()
+
+    def marked_prompt(self, text: str) -> list:
+        """The tokenized prompt, the trigger's tokens replaced by one slot marker."""
+        if text not in self._prompts:
+            tokens = self.tokenizer.tokenize_with_weights(text)["l"]
+            self._prompts[text], _ = mark_triggers(tokens, {self.trigger_ids: _SLOT})
+        return self._prompts[text]
+
+    def with_token(self, text: str, token: torch.Tensor) -> list:
+        """The prompt's CLIP-L token list with `token` (an input embedding) in the trigger's slot."""
+        return [[({"type": "embedding", "data": token} if e[0] is _SLOT else e[0], *e[1:]) for e in chunk]
+                for chunk in self.marked_prompt(text)]
+
+
+class HostTrainer(TrainingClones):
+    """The host-specific callables `sefi_core.train.train_tokens` needs, built on resident clones of the inputs."""
+
+    def __init__(self, model, clip, trigger: str, class_word: str, attention_option: str,
+                 gradient_checkpointing: bool = False):
+        super().__init__(model, clip, trigger)
+        self.attention_option = attention_option
+        self.class_embedding = word_embedding(clip, class_word)
+        self._references, self._masks = {}, {}
+        self.loss_layers: list = []
+        self._loss_weights: dict = {}  # loss layer -> fp32 (to_q, to_k) weights
+        self.checkpointing = GradientCheckpointing(gradient_checkpointing)
+
+    def release(self) -> None:
+        super().release()
         self._references.clear()
         self._loss_weights.clear()
-        comfy.model_management.soft_empty_cache()
 
     # -- data ------------------------------------------------------------------------------------
 
-    def training_samples(self, images: torch.Tensor, vae, resolution: int, count: int, generator,
-                         subject_masks: torch.Tensor | None = None) -> list:
-        """`count` augmented views, VAE-encoded once up front; the images of the batch are used in turn. With subject
-        masks (one per image, or one for all), each square follows its mask and the loss weights it."""
+    def training_samples(self, images, vae, resolution: int, count: int, generator, subject_masks=None) -> list:
+        """`count` augmented views, VAE-encoded once up front, the photos (a batch, or a list of (H, W, C) of any
+        sizes) used in turn, so each gets an equal share of the views and, drawn uniformly, of the steps. With subject
+        masks (one per photo, or one for all), each square follows its mask and the loss weights it."""
         if subject_masks is None:
             squares = [(center_square(as_rgb(image), resolution), None) for image in images]
         else:
@@ -225,14 +262,10 @@ class HostTrainer:
     # -- prompts ---------------------------------------------------------------------------------
 
     def _template(self, index: int) -> list:
-        if index not in self._prompts:
-            tokens = self.tokenizer.tokenize_with_weights(PROMPT_TEMPLATES[index].format(self.trigger))["l"]
-            self._prompts[index], _ = mark_triggers(tokens, {self.trigger_ids: _SLOT})
-        return self._prompts[index]
+        return self.marked_prompt(PROMPT_TEMPLATES[index].format(self.trigger))
 
     def _with_token(self, index: int, token: torch.Tensor) -> list:
-        return [[({"type": "embedding", "data": token} if e[0] is _SLOT else e[0], *e[1:]) for e in chunk]
-                for chunk in self._template(index)]
+        return self.with_token(PROMPT_TEMPLATES[index].format(self.trigger), token)
 
     def encode_kv(self, index: int, k_token: torch.Tensor, v_token: torch.Tensor):
         cond = self.clip.encode_from_tokens({"l": self._with_token(index, k_token) + self._with_token(index, v_token)})
@@ -325,49 +358,74 @@ def _hooks(modules, hook):
             h.remove()
 
 
-def run_training(model, clip, vae, image, trigger: str, class_word: str, settings: TrainSettings,
-                 checkpointing: str = "auto", on_step=lambda step, losses: None, subject_mask=None,
-                 preview_every: int = 0, make_preview=None) -> TrainResult:
-    """Trains an identity on clones of the host's model and CLIP; the host model's flags come back and what training
-    loaded is given back, whether it ends, fails or is cancelled. Out of memory with checkpointing 'auto', it starts
-    again with gradient checkpointing on. make_preview(trainer) gives the on_preview callable for `preview_every`."""
+def view_count(photos: int) -> int:
+    """Augmented views to encode: AUGMENTED_VIEWS, or one per photo when there are more. Not fewer for a short run:
+    the views must not depend on the steps, so that a continued run draws from the same views as one long run."""
+    return max(AUGMENTED_VIEWS, photos)
+
+
+def run_training(model, clip, vae, images, trigger: str, class_word: str, settings: TrainSettings,
+                 checkpointing: str = "auto", on_step=lambda step, losses: None, subject_masks=None,
+                 preview_every: int = 0, make_preview=None, resume=None) -> TrainResult:
+    """Trains an identity on clones of the host's model and CLIP (see train_on_clones). make_preview(trainer) gives
+    the on_preview callable for `preview_every`; resume: the TrainState of a run to continue
+    (sefi_core.train.train_tokens)."""
     trainer = HostTrainer(model, clip, trigger, class_word, settings.attention_option, checkpointing == "on")
+
+    def prepare():
+        generator = torch.Generator().manual_seed(settings.seed)
+        samples = trainer.training_samples(images, vae, settings.resolution, view_count(len(images)), generator,
+                                           subject_masks)
+        trainer.find_loss_layers(samples[0][0])
+        on_preview = make_preview(trainer) if make_preview and preview_every else (lambda *args: None)
+        return samples, on_preview
+
+    def train(prepared):
+        samples, on_preview = prepared
+        return train_tokens(settings, trainer.class_embedding, samples, trainer.encode_kv, trainer.denoise, on_step,
+                            device=trainer.device, compute_dtype=trainer.dtype, preview_every=preview_every,
+                            on_preview=on_preview, resume=resume)
+
+    return train_on_clones(trainer, trainer.checkpointing, checkpointing, settings.resolution, "SeFi Train Identity",
+                           prepare, train)
+
+
+def train_on_clones(clones: TrainingClones, gradient_checkpointing: GradientCheckpointing, mode: str, resolution: int,
+                    node: str, prepare, train):
+    """The run both systems' training shares: the clones loaded, prepare() once, then train(prepared); the host
+    model's flags come back and what training loaded is given back, whether it ends, fails or is cancelled. Out of
+    memory in mode 'auto', train() starts again with gradient checkpointing on; any other allocation failure says
+    what to do (OutOfMemory)."""
     # frozen() outside: the executor's inference mode is the only place the flags may be set back. The training clones'
     # modules are the host's own, or under dynamic VRAM a reloaded copy of them: either way, those are the ones to freeze.
-    with frozen(trainer.model.model, trainer.clip.cond_stage_model), torch.inference_mode(False), torch.enable_grad():
+    with frozen(clones.model.model, clones.clip.cond_stage_model), torch.inference_mode(False), torch.enable_grad():
         try:
-            trainer.load()
-            generator = torch.Generator().manual_seed(settings.seed)
-            samples = trainer.training_samples(image, vae, settings.resolution,
-                                               min(AUGMENTED_VIEWS, settings.steps), generator, subject_mask)
-            trainer.find_loss_layers(samples[0][0])
-            on_preview = make_preview(trainer) if make_preview and preview_every else (lambda *args: None)
+            clones.load()
+            prepared = prepare()
             while True:
                 try:
-                    return train_tokens(settings, trainer.class_embedding, samples, trainer.encode_kv, trainer.denoise,
-                                        on_step, device=trainer.device, compute_dtype=trainer.dtype,
-                                        preview_every=preview_every, on_preview=on_preview)
+                    return train(prepared)
                 except Exception as error:
-                    if not (is_out_of_memory(error) and checkpointing == "auto" and not trainer.checkpointing.enabled):
+                    if not (is_out_of_memory(error) and mode == "auto" and not gradient_checkpointing.enabled):
                         raise
                 # Out of memory in 'auto': start again with checkpointing, outside the except block so that the
                 # failed step's tensors can be freed first.
-                log.warning("SeFi: out of GPU memory at %d px; starting again with gradient checkpointing.",
-                            settings.resolution)
-                trainer.checkpointing.enabled = True
+                log.warning("%s: out of GPU memory at %d px; starting again with gradient checkpointing.", node,
+                            resolution)
+                gradient_checkpointing.enabled = True
                 comfy.model_management.soft_empty_cache()
-        except Exception as error:  # loading, encoding the photo, or a step: every allocation failure says what to do
+        except Exception as error:  # loading, encoding the photos, or a step: every allocation failure says what to do
             if is_out_of_memory(error):
-                raise OutOfMemory(settings.resolution, trainer.checkpointing.enabled) from None
+                raise OutOfMemory(resolution, gradient_checkpointing.enabled, node) from None
             raise
         finally:
-            trainer.release()
+            clones.release()
 
 
 class OutOfMemory(RuntimeError):
-    def __init__(self, resolution: int, checkpointing: bool):
+    def __init__(self, resolution: int, checkpointing: bool, node: str = "SeFi Train Identity"):
         advice = "close other programs using the GPU" if checkpointing else \
             "set 'gradient_checkpointing' to 'on' (or 'auto')"
-        super().__init__(f"SeFi Train Identity ran out of GPU memory at {resolution} px with gradient checkpointing "
+        super().__init__(f"{node} ran out of GPU memory at {resolution} px with gradient checkpointing "
                          f"{'on' if checkpointing else 'off'}. Lower 'resolution' (e.g. {max(256, resolution - 128)}) or "
                          f"{advice}. Nothing was saved; the loaded model is unchanged.")

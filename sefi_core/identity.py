@@ -6,13 +6,11 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from .files import read_safetensors, save_atomically
 from .stages import even_boundaries, validate_boundaries
 
 FORMAT_NAME = "sefi-identity"
@@ -136,11 +134,9 @@ class Identity:
 
 def save_identity(identity: Identity, path: str, overwrite: bool = False) -> str:
     """Write atomically (temp file in the same folder, then rename): a reader never sees half a file."""
-    path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
         raise IdentityError(f"An identity named {os.path.basename(path)!r} already exists in {os.path.dirname(path)}. "
                             "Choose another name, or switch 'overwrite' on to replace it.")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     metadata = {
         "sefi.format": FORMAT_NAME,
         "sefi.format_version": str(FORMAT_VERSION),
@@ -152,31 +148,13 @@ def save_identity(identity: Identity, path: str, overwrite: bool = False) -> str
         "sefi.training": json.dumps(identity.training, sort_keys=True),
     }
     tensors = {"sefi.k_tokens": identity.k_tokens, "sefi.v_tokens": identity.v_tokens}
-    fd, tmp = tempfile.mkstemp(prefix=".sefi-", suffix=".tmp", dir=os.path.dirname(path))
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return save_atomically(tensors, metadata, path)
 
 
 def load_identity(path: str) -> Identity:
     """Read and validate an identity file; every problem raises IdentityError naming the file."""
-    name = os.path.basename(path)
-    if not os.path.isfile(path):
-        raise IdentityError(f"Identity file {path!r} does not exist.")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise IdentityError(f"{name} is not a readable .safetensors file ({e}). It may be truncated; "
-                            "copy it again or retrain it.") from e
-    return _identity_from(name, meta, tensors)
+    meta, tensors = read_safetensors(path, IdentityError, "Copy the identity file again, or retrain it.")
+    return _identity_from(os.path.basename(path), meta, tensors)
 
 
 def _identity_from(name: str, meta: dict, tensors: dict) -> Identity:

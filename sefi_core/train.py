@@ -18,6 +18,7 @@ from .identity import MAX_TOKEN_NORM
 from .losses import ATTENTION_OPTIONS
 from .mapper import TokenMapper
 from .stages import NUM_TRAIN_TIMESTEPS, even_boundaries, stage_of_timestep
+from .train_state import TrainState
 
 LOSS_READBACK_STEPS = 25  # steps between reading the loss back from the device (each read waits for it)
 INITIAL_LOSS_SCALE = 2.0 ** 16  # fp16 only; the GradScaler adapts it
@@ -35,6 +36,13 @@ PROMPT_TEMPLATES = (  # paper §6.4; {} is the trigger (V*)
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+def raise_first_failed(checks: list[tuple[bool, str]]) -> None:
+    """Settings validation: ValueError with the message of the first (ok, message) check that failed."""
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
 
 
 @dataclass(frozen=True)
@@ -60,9 +68,7 @@ class TrainSettings:
             (self.attention_option in ATTENTION_OPTIONS.values(),
              f"attention-loss option {self.attention_option!r} is not one of {list(ATTENTION_OPTIONS.values())}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        raise_first_failed(checks)
 
     def as_metadata(self) -> dict:
         return asdict(self)
@@ -72,7 +78,8 @@ class TrainSettings:
 class TrainResult:
     k_tokens: torch.Tensor  # (S, C)
     v_tokens: torch.Tensor
-    losses: list[float]
+    losses: list[float]  # every step's, those of a continued run's earlier steps first
+    state: TrainState | None = None  # what continuing needs (train_state.py)
 
 
 EncodeKV = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -156,7 +163,8 @@ def train_tokens(settings: TrainSettings, class_embedding: torch.Tensor, samples
                  encode_kv: EncodeKV, denoise: Denoise, on_step: OnStep = lambda step, losses: None,
                  device: torch.device | str = "cpu", compute_dtype: torch.dtype = torch.float32,
                  readback_every: int = LOSS_READBACK_STEPS, preview_every: int = 0,
-                 on_preview: OnPreview = lambda step, k_tokens, v_tokens: None) -> TrainResult:
+                 on_preview: OnPreview = lambda step, k_tokens, v_tokens: None,
+                 resume: TrainState | None = None) -> TrainResult:
     """samples: (latent (1, 4, h, w), mask (1, 1, h, w)) augmented views of the image(s).
     encode_kv(template_index, k_token, v_token) -> (k_context, v_context), differentiable in the tokens.
     denoise(latent, noise, t, k_context, v_context, template_index) -> (eps_prediction, attention_loss).
@@ -164,15 +172,18 @@ def train_tokens(settings: TrainSettings, class_embedding: torch.Tensor, samples
     on_step(step, losses) runs after every step; `losses` grows every `readback_every` steps, because reading
     the loss back from the GPU every step would make the CPU wait for it.
     on_preview(steps_done, k_tokens, v_tokens) runs every `preview_every` steps (0: never) with the current tokens,
-    outside autograd; it draws nothing from the training's generator, so previews leave the result unchanged."""
+    outside autograd; it draws nothing from the training's generator, so previews leave the result unchanged.
+    resume: the state a run of the same settings ended with; training goes on from its step to settings.steps, as
+    one run would have (same samples given)."""
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)  # the mapper's initial slots
     mapper = TokenMapper(class_embedding, settings.stage_count).to(device)
     optimizer = make_optimizer(mapper, settings.learning_rate)
     scaler = loss_scaler(device, compute_dtype)
     boundaries = even_boundaries(settings.stage_count)
-    pending, losses = [], []
-    for step in range(settings.steps):
+    first_step, losses = restore(resume, mapper, optimizer, scaler, generator, settings) if resume else (0, [])
+    pending = []
+    for step in range(first_step, settings.steps):
         l_kv, l_attn = loss_terms(mapper, draw_batch(samples, generator), encode_kv, denoise, boundaries)
         loss = l_kv + settings.attention_weight * l_attn
         optimizer.zero_grad(set_to_none=True)
@@ -191,4 +202,42 @@ def train_tokens(settings: TrainSettings, class_embedding: torch.Tensor, samples
                 on_preview(step + 1, *(t.detach() for t in mapper()))
     with torch.no_grad():
         k_tokens, v_tokens = mapper()
-    return TrainResult(k_tokens.detach().cpu(), v_tokens.detach().cpu(), losses)
+    state = TrainState(settings.steps, settings.as_metadata(), {k: v.detach().cpu().clone() for k, v in
+                                                                 mapper.state_dict().items()},
+                       optimizer_moments(optimizer, mapper.parameters()), generator.get_state(), scaler.state_dict(),
+                       list(losses))
+    return TrainResult(k_tokens.detach().cpu(), v_tokens.detach().cpu(), losses, state)
+
+
+def restore(state: TrainState, mapper: TokenMapper, optimizer: torch.optim.Adam, scaler: torch.amp.GradScaler,
+            generator: torch.Generator, settings: TrainSettings) -> tuple[int, list[float]]:
+    """Puts a saved run's mapper, Adam, loss scale and generator back; (its step, its losses)."""
+    check_continuation(state, settings.as_metadata(), settings.steps)
+    mapper.load_state_dict(state.weights)
+    return restore_optimizer(state, optimizer, scaler, generator)
+
+
+def check_continuation(state: TrainState, settings: dict, steps: int) -> None:
+    same = {k: v for k, v in settings.items() if k != "steps"}
+    saved = {k: v for k, v in state.settings.items() if k != "steps"}
+    if saved != same or not 0 < state.steps_done < steps:
+        raise ValueError(f"cannot continue a run of {state.settings} at step {state.steps_done} with {settings}: the "
+                         "settings other than steps must be the run's, and steps beyond its step")
+
+
+def restore_optimizer(state: TrainState, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                      generator: torch.Generator) -> tuple[int, list[float]]:
+    """A saved run's optimiser moments (one entry per parameter, in order), loss scale and generator put back; (its
+    step, its losses). SeFi's and PVA's trainings both continue through it."""
+    groups = optimizer.state_dict()["param_groups"]
+    moments = {i: {k: v.clone() for k, v in m.items()} for i, m in enumerate(state.adam)}  # Adam updates in place
+    optimizer.load_state_dict({"state": moments, "param_groups": groups})
+    if state.scaler and scaler.is_enabled():
+        scaler.load_state_dict(state.scaler)  # fp16 before and now; otherwise the scaler starts fresh (or stays off)
+    generator.set_state(state.generator)
+    return state.steps_done, list(state.losses)
+
+
+def optimizer_moments(optimizer: torch.optim.Optimizer, parameters) -> list[dict[str, torch.Tensor]]:
+    """The optimiser's state of each parameter, in order, on the CPU: what a TrainState keeps."""
+    return [{key: value.detach().cpu().clone() for key, value in optimizer.state[p].items()} for p in parameters]

@@ -12,6 +12,14 @@ from safetensors.torch import load_file
 from sefi_core.identity import Identity
 
 
+def train_node(host, **inputs):
+    """SeFi Train Identity's execute called as the host calls a node that takes its inputs as lists (is_input_list):
+    every input a list, a single value a list of one (`image` and `subject_mask` may be given as lists of several)."""
+    listed = {k: v if k in ("image", "subject_mask") and isinstance(v, list) else [v] for k, v in inputs.items()}
+    with torch.inference_mode():
+        return host.node("SefiTrainIdentity").execute(**listed)
+
+
 def embedding(clip, word: str) -> torch.Tensor:
     """A word's CLIP-L input embedding, read straight from the host's token table."""
     chunk = clip.tokenize(word)["l"][0]

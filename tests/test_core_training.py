@@ -268,3 +268,63 @@ def test_loss_scaling_only_for_fp16():
     from sefi_core.train import INITIAL_LOSS_SCALE, loss_scaler
     assert loss_scaler("cpu", torch.float16).is_enabled() and loss_scaler("cpu", torch.float16).get_scale() == INITIAL_LOSS_SCALE
     assert not loss_scaler("cpu", torch.bfloat16).is_enabled() and not loss_scaler("cpu", torch.float32).is_enabled()
+
+
+# -- continuing a run -------------------------------------------------------------------------------------------------
+
+def _two_view_host():
+    """The fake host with two views, so that the step generator's draws (view, timestep, template, noise) all matter."""
+    samples, encode_kv, denoise = _fake_host()
+    samples = samples + [(torch.ones(1, 4, 4, 4), torch.ones(1, 1, 4, 4))]
+    return samples, encode_kv, denoise
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # fp16: the loss scaler's state goes along too
+def test_continuing_from_a_saved_state_ends_exactly_where_one_run_ends(tmp_path, dtype):
+    from sefi_core.train_state import load_train_state, save_train_state
+    samples, encode_kv, denoise = _two_view_host()
+    cls = torch.randn(768, generator=torch.Generator().manual_seed(1)) * 0.02
+    run = lambda steps, resume=None: train_tokens(TrainSettings(steps=steps, seed=3, resolution=64), cls, samples,
+                                                  encode_kv, denoise, compute_dtype=dtype, readback_every=4,
+                                                  resume=resume)
+    whole, first = run(10), run(4)
+    path = save_train_state(first.state, str(tmp_path / "state.safetensors"))
+    rest = run(10, load_train_state(path))
+    assert torch.equal(rest.k_tokens, whole.k_tokens) and torch.equal(rest.v_tokens, whole.v_tokens)
+    assert rest.losses == whole.losses and len(rest.losses) == 10
+    assert rest.state.scaler == whole.state.scaler and bool(whole.state.scaler) == (dtype == torch.float16)
+    assert all(torch.equal(a, b) for a, b in zip(rest.state.generator, whole.state.generator))
+    # Without Adam's moments (or the generator's position) the run goes elsewhere: the test can tell.
+    blank = load_train_state(path)
+    blank.adam = [{k: torch.zeros_like(v) for k, v in m.items()} for m in blank.adam]
+    assert not torch.equal(run(10, blank).k_tokens, whole.k_tokens)
+    moved = load_train_state(path)
+    moved.generator = run(5).state.generator
+    assert not torch.equal(run(10, moved).k_tokens, whole.k_tokens)
+
+
+def test_a_state_continues_only_with_its_own_settings_and_more_steps(tmp_path):
+    samples, encode_kv, denoise = _two_view_host()
+    state = train_tokens(TrainSettings(steps=3, resolution=64), torch.zeros(768) + 0.02, samples, encode_kv,
+                         denoise).state
+    for settings in (TrainSettings(steps=6, learning_rate=0.001, resolution=64), TrainSettings(steps=3, resolution=64)):
+        with pytest.raises(ValueError, match="cannot continue a run"):
+            train_tokens(settings, torch.zeros(768) + 0.02, samples, encode_kv, denoise, resume=state)
+
+
+def test_a_damaged_or_foreign_state_file_is_refused_with_what_to_do(tmp_path):
+    from safetensors.torch import save_file
+    from sefi_core.train_state import TrainStateError, load_train_state, save_train_state
+    samples, encode_kv, denoise = _two_view_host()
+    state = train_tokens(TrainSettings(steps=2, resolution=64), torch.zeros(768) + 0.02, samples, encode_kv,
+                         denoise).state
+    path = save_train_state(state, str(tmp_path / "good.safetensors"))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(open(path, "rb").read()[:5000])
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(2)}, str(foreign))
+    for bad, message in [(truncated, "truncated.safetensors is not a readable .safetensors file"),
+                         (foreign, "foreign.safetensors is not a training state of this pack"),
+                         (tmp_path / "missing.safetensors", "missing.safetensors does not exist")]:
+        with pytest.raises(TrainStateError, match=message + ".*train the identity anew"):
+            load_train_state(str(bad))

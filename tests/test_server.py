@@ -10,7 +10,9 @@ import pytest
 from sefi_testkit.server import ComfyServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-NODES = ["SefiTrainIdentity", "SefiLoadIdentity", "SefiApplyStageTokens", "SefiAttentionMapPreview"]
+NODES = ["SefiTrainIdentity", "SefiLoadIdentity", "SefiApplyStageTokens", "SefiAttentionMapPreview",
+         "PVALoadFaceRecognizer", "PVALoadEncoder", "PVATrainEncoder", "PVAFineTuneIdentity", "PVALoadIdentity",
+         "PVAApply"]
 WORKFLOWS = sorted(p.stem for p in (REPO_ROOT / "workflows").glob("*.json"))
 
 

@@ -15,8 +15,8 @@ def train_graph(name, steps=20, overwrite=False, image="astronaut.png", **extra)
     inputs = {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "image": ["2", 0], "name": name,
               "trigger": "sks", "class_word": "person", "steps": steps, "learning_rate": 0.005,
               "attention_weight": 0.003, "seed": 0, "resolution": 64, "kv_pairs": "5",
-              "attention_loss": "all tokens (#3, paper)", "overwrite": overwrite}
-    inputs.update(extra)
+              "attention_loss": "all tokens (#3, paper)", "overwrite": overwrite, "keep_training_state": False}
+    inputs.update(extra)  # keep_training_state off unless a test continues: each state is ~120 MB
     return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
             "2": {"class_type": "LoadImage", "inputs": {"image": image}},
             "3": {"class_type": "SefiTrainIdentity", "inputs": inputs},
@@ -77,11 +77,9 @@ def test_host_model_is_unchanged_by_training(host):
     pos, neg = probe.encode(host, clip, "a photo of a person"), probe.encode(host, clip, "blurry")
     before = probe.sample(host, model, pos, neg, steps=2)
     image = host.nodes.LoadImage().load_image("chelsea.png")[0]
-    with torch.inference_mode():
-        host.node("SefiTrainIdentity").execute(model=model, clip=clip, vae=vae, image=image, name="cat_b", trigger="sks",
-                                               class_word="cat", steps=3, learning_rate=0.005, attention_weight=0.003,
-                                               seed=0, resolution=64, kv_pairs="1", attention_loss="trigger only (#1)",
-                                               overwrite=True)
+    probe.train_node(host, model=model, clip=clip, vae=vae, image=image, name="cat_b", trigger="sks", class_word="cat",
+                     steps=3, learning_rate=0.005, attention_weight=0.003, seed=0, resolution=64, kv_pairs="1",
+                     attention_loss="trigger only (#1)", overwrite=True)
     after_flags = [p.requires_grad for p in model.model.parameters()] + [p.requires_grad for p in clip.cond_stage_model.parameters()]
     assert after_flags == flags
     assert all(p.grad is None for p in model.model.parameters())
@@ -140,10 +138,10 @@ def execute_training(host, model, clip, vae, name, image=None, **extra):
     image = image if image is not None else host.nodes.LoadImage().load_image("astronaut.png")[0]
     inputs = dict(model=model, clip=clip, vae=vae, image=image, name=name, trigger="sks", class_word="person", steps=3,
                   learning_rate=0.005, attention_weight=0.003, seed=0, resolution=64, kv_pairs="5",
-                  attention_loss="all tokens (#3, paper)", overwrite=True, gradient_checkpointing="auto")
+                  attention_loss="all tokens (#3, paper)", overwrite=True, gradient_checkpointing="auto",
+                  keep_training_state=False)
     inputs.update(extra)
-    with torch.inference_mode():
-        return host.node("SefiTrainIdentity").execute(**inputs)
+    return probe.train_node(host, **inputs)
 
 
 def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_gradients(host):
@@ -395,8 +393,8 @@ def test_a_subject_mask_crops_around_the_subject_and_the_loss_weights_it(host):
 
 
 @pytest.mark.parametrize("make_mask, message", [
-    (lambda: torch.ones(1, 512, 512), r"The subject mask is 512x512 pixels \(1 mask\(s\)\) but the photo is 1024x512 "
-                                      r"\(1 photo\(s\)\)\. Paint the mask on this photo"),
+    (lambda: torch.ones(1, 512, 512), r"The subject mask\(s\) \(1: 512x512\) do not fit the photo\(s\) \(1: 1024x512\)\. "
+                                      r"Paint the mask on this photo"),
     (lambda: torch.zeros(1, 512, 1024), "The subject mask is empty: paint over the subject"),
 ])
 def test_a_subject_mask_that_does_not_fit_the_photo_is_refused_before_any_work(host, make_mask, message):
@@ -458,3 +456,143 @@ def test_a_preview_prompt_without_the_trigger_is_refused_before_any_work(host):
     assert not result.success and host.progress == []
     assert ("preview_prompt 'a portrait photo' does not contain the trigger word 'sks', so the previews would not show "
             "the identity.") in result.error["exception_message"]
+
+
+# -- several photos ---------------------------------------------------------------------------------------------------
+
+def two_photos(host):
+    """Two photos of different sizes (512x512 and 451x300), as the host passes a list of IMAGEs."""
+    return [host.nodes.LoadImage().load_image(name)[0] for name in ("astronaut.png", "chelsea.png")]
+
+
+def test_photos_of_different_sizes_train_one_identity_each_photo_in_turn(host, monkeypatch):
+    model, clip, vae = host.load_checkpoint("tiny.safetensors")
+    training = trainer_module(host)
+    photos, used = two_photos(host), []
+    real_augment = training.augment
+    monkeypatch.setattr(training, "augment", lambda square, g, subject=None: (used.append(square), real_augment(
+        square, g, subject))[1])
+    execute_training(host, model, clip, vae, "two_photos", image=photos, steps=6)
+    squares = [training.center_square(training.as_rgb(p[0]), 64) for p in photos]
+    assert len(used) == training.AUGMENTED_VIEWS  # the views, encoded once up front
+    assert all(torch.equal(square, squares[k % 2]) for k, square in enumerate(used))  # each photo in turn
+    assert load_identity(host.identity_dir / "two_photos.safetensors").training["steps"] == 6
+    assert training.view_count(2) == training.AUGMENTED_VIEWS and training.view_count(40) == 40
+
+
+def test_a_list_of_photos_in_a_graph_trains_once(host):
+    """Rebatch Images turns a batch into a list (is_input_list): one training of both photos, not one per photo (a
+    second training would fail on the existing name)."""
+    graph = train_graph("from_list", steps=3)
+    graph["5"] = {"class_type": "LoadImage", "inputs": {"image": "astronaut.png"}}
+    graph["6"] = {"class_type": "ImageBatch", "inputs": {"image1": ["2", 0], "image2": ["5", 0]}}
+    graph["7"] = {"class_type": "RebatchImages", "inputs": {"images": ["6", 0], "batch_size": 1}}
+    graph["3"]["inputs"]["image"] = ["7", 0]
+    result = host.run(graph)
+    assert result.success, result.error
+    assert load_identity(host.identity_dir / "from_list.safetensors").training["steps"] == 3
+
+
+def test_a_folder_of_photos_of_different_sizes_trains_one_identity(host):
+    """The host's own list of photos of any size (Load Image (from Folder), where the host has it)."""
+    if "LoadImageDataSetFromFolder" not in host.nodes.NODE_CLASS_MAPPINGS:
+        pytest.skip("this ComfyUI has no 'Load Image (from Folder)' node that gives a list (v0.3.64's resizes to a batch)")
+    folder = host.input_dir / "subject_photos"
+    folder.mkdir(exist_ok=True)
+    for name in ("astronaut.png", "chelsea.png"):
+        (folder / name).write_bytes((host.input_dir / name).read_bytes())
+    graph = train_graph("from_folder", steps=3)
+    graph["2"] = {"class_type": "LoadImageDataSetFromFolder", "inputs": {"folder": "subject_photos"}}
+    result = host.run(graph)
+    assert result.success, result.error
+    assert load_identity(host.identity_dir / "from_folder.safetensors").training["steps"] == 3
+
+
+def test_masks_for_several_photos_are_one_per_photo_or_one_for_photos_of_its_size(host):
+    model, clip, vae = host.load_checkpoint("tiny.safetensors")
+    photos = two_photos(host)
+    masks = [torch.ones(1, 512, 512), torch.ones(1, 300, 451)]
+    execute_training(host, model, clip, vae, "two_masked", image=photos, subject_mask=masks, steps=2)
+    assert (host.identity_dir / "two_masked.safetensors").exists()
+    with pytest.raises(ValueError, match=r"The subject mask\(s\) \(2: 512x512, 512x512\) do not fit the photo\(s\) "
+                                         r"\(2: 512x512, 451x300\)"):
+        execute_training(host, model, clip, vae, "one_mask", image=photos, subject_mask=[torch.ones(1, 512, 512)])
+    with pytest.raises(ValueError, match=r"The subject mask is empty.*\(mask 2 of 2\)"):
+        execute_training(host, model, clip, vae, "empty_second", image=photos,
+                         subject_mask=[masks[0], torch.zeros(1, 300, 451)])
+    assert not list(host.identity_dir.glob("one_mask*")) and not list(host.identity_dir.glob("empty_second*"))
+
+
+def test_a_list_of_settings_is_refused_by_name(host):
+    model, clip, vae = host.load_checkpoint("tiny.safetensors")
+    inputs = {k: [v] for k, v in dict(model=model, clip=clip, vae=vae, name="two_seeds", trigger="sks",
+                                      class_word="person", steps=2, learning_rate=0.005, attention_weight=0.003,
+                                      resolution=64, kv_pairs="5", attention_loss="all tokens (#3, paper)",
+                                      overwrite=True).items()}
+    with pytest.raises(ValueError, match="'seed' received a list of 2 values, but SeFi Train Identity trains one "
+                                         "identity per run"), torch.inference_mode():
+        host.node("SefiTrainIdentity").execute(image=two_photos(host)[:1], seed=[0, 1], **inputs)
+
+
+# -- continuing a saved identity --------------------------------------------------------------------------------------
+
+def test_continuing_a_saved_identity_ends_exactly_where_one_long_run_ends(host):
+    from sefi_core.train_state import load_train_state
+    assert host.run(train_graph("long_run", steps=6, overwrite=True, keep_training_state=True)).success
+    assert host.run(train_graph("first_half", steps=3, overwrite=True, keep_training_state=True)).success
+    identity_file, state_file = host.identity_dir / "first_half.safetensors", host.train_state_dir / "first_half.safetensors"
+    assert identity_file.stat().st_size < 40_000 < 100_000_000 < state_file.stat().st_size  # the identity stays small
+    # The node's own learning rate, seed, trigger... are not used when continuing: the identity's are.
+    graph = train_graph("second_half", steps=3, overwrite=True, keep_training_state=True, learning_rate=0.05, seed=9,
+                        trigger="ohwx", continue_from="first_half.safetensors")
+    continued = host.run(graph)
+    assert continued.success, continued.error
+    whole, rest = (load_identity(host.identity_dir / f"{n}.safetensors") for n in ("long_run", "second_half"))
+    assert torch.equal(rest.k_tokens, whole.k_tokens) and torch.equal(rest.v_tokens, whole.v_tokens)
+    assert rest.training == whole.training and rest.training["steps"] == 6 and rest.trigger == "sks"
+    states = [load_train_state(str(host.train_state_dir / f"{n}.safetensors")) for n in ("long_run", "second_half")]
+    assert states[1].losses == states[0].losses and len(states[1].losses) == 6  # the loss curve spans all 6 steps
+    assert [v for v, _ in host.progress][-1] == 6
+    assert any("Continuing first_half.safetensors from step 3 to 6 with its settings: learning rate 0.005" in text
+               for _, text in host.server.progress_texts())
+    # Continuing an identity into itself goes on each time it is queued (the file it continues changed).
+    again = train_graph("first_half", steps=3, overwrite=True, keep_training_state=True,
+                        continue_from="first_half.safetensors")
+    assert host.run(again).success and load_identity(identity_file).training["steps"] == 6
+    assert host.run(again).success and load_identity(identity_file).training["steps"] == 9
+
+
+def test_an_identity_without_its_training_state_cannot_be_continued_and_says_why(host):
+    from sefi_core.identity import Identity, save_identity
+    assert host.run(train_graph("stateless", steps=2, overwrite=True)).success
+    assert host.run(train_graph("stateful", steps=2, overwrite=True, keep_training_state=True)).success
+    saved = load_identity(host.identity_dir / "stateful.safetensors")
+    save_identity(Identity(saved.k_tokens, saved.v_tokens, "sks", base_model="0123456789abcdef",
+                           training=saved.training), host.identity_dir / "other_model.safetensors")
+    (host.train_state_dir / "other_model.safetensors").write_bytes(
+        (host.train_state_dir / "stateful.safetensors").read_bytes())
+    save_identity(Identity(saved.k_tokens * 0.5, saved.v_tokens, "sks", base_model=saved.base_model),
+                  host.identity_dir / "stateful.safetensors", overwrite=True)  # replaced since its state was saved
+    for source, message in [
+            ("stateless.safetensors", "stateless.safetensors has no training state in models/sefi_training_state "
+                                      "(it was trained with keep_training_state off"),
+            ("stateful.safetensors", "The training state stateful.safetensors belongs to another training than the "
+                                     "identity file stateful.safetensors now holds"),
+            ("other_model.safetensors", "other_model.safetensors was trained on another model (fingerprint "
+                                        "0123456789abcdef")]:
+        host.progress.clear()
+        result = host.run(train_graph("continued_bad", steps=2, continue_from=source))
+        assert not result.success and message in result.error["exception_message"], result.error
+        assert host.progress == [] and not (host.identity_dir / "continued_bad.safetensors").exists()
+    missing = host.run(train_graph("continued_bad", steps=2, continue_from="ghost.safetensors"))
+    assert not missing.success and "No identity file 'ghost.safetensors'" in str(missing.node_errors)
+
+
+def test_training_state_is_kept_by_default_and_removed_with_the_identity_it_belonged_to(host):
+    node = host.node("SefiTrainIdentity")
+    optional = node.INPUT_TYPES()["optional"]
+    assert optional["keep_training_state"][1]["default"] is True
+    assert host.run(train_graph("kept", steps=2, overwrite=True, keep_training_state=True)).success
+    assert (host.train_state_dir / "kept.safetensors").exists()
+    assert host.run(train_graph("kept", steps=3, overwrite=True)).success  # replaced without a state
+    assert not (host.train_state_dir / "kept.safetensors").exists()

@@ -194,11 +194,10 @@ def paths(host):
     assert model.model.get_dtype() == torch.float32 and model.model.manual_cast_dtype is None
 
     image = host.nodes.LoadImage().load_image("astronaut.png")[0]
-    with torch.inference_mode():
-        trained = host.node("SefiTrainIdentity").execute(
-            model=model, clip=clip, vae=vae, image=image, name="matches_apply", trigger=TRIGGER, class_word=CLASS_WORD,
-            steps=TRAIN_STEPS, learning_rate=0.005, attention_weight=0.003, seed=TRAIN_SEED, resolution=64,
-            kv_pairs="5", attention_loss="all tokens (#3, paper)", overwrite=True).result[0]
+    trained = probe.train_node(
+        host, model=model, clip=clip, vae=vae, image=image, name="matches_apply", trigger=TRIGGER, class_word=CLASS_WORD,
+        steps=TRAIN_STEPS, learning_rate=0.005, attention_weight=0.003, seed=TRAIN_SEED, resolution=64,
+        kv_pairs="5", attention_loss="all tokens (#3, paper)", overwrite=True).result[0]
     a = probe.word_identity(clip, K_WORDS, V_WORDS, trigger=TRIGGER)
     b = probe.word_identity(clip, K_WORDS_B, V_WORDS_B, trigger=TRIGGER)
 
@@ -206,8 +205,8 @@ def paths(host):
     recording = RecordingVAE(vae)
     with torch.inference_mode(), training.frozen(model.model, clip.cond_stage_model), torch.inference_mode(False):
         trainer.load()
-        # The views the node trained on: training_samples with its seed and count (min(32, steps)).
-        views = trainer.training_samples(image, recording, 64, min(training.AUGMENTED_VIEWS, TRAIN_STEPS),
+        # The views the node trained on: training_samples with its seed and count.
+        views = trainer.training_samples(image, recording, 64, training.view_count(1),
                                          torch.Generator().manual_seed(TRAIN_SEED))
         g = torch.Generator().manual_seed(NOISE_SEED)
         pairs = []  # per stage: (raw latent, latent, mask, t, noise)

@@ -102,11 +102,11 @@ def test_workflow_runs_end_to_end(host, path):
 # - min_size: the smallest size the frontend draws each node at (LGraphNode.computeSize on the loaded workflows,
 #   pickers filled, LoadImage showing its photo); a saved size below it would be enlarged and could then overlap a
 #   neighbour.
-_MIN_SIZE_1_27 = {"CheckpointLoaderSimple": (210, 98), "LoadImage": (215, 326), "SefiTrainIdentity": (228, 450),
+_MIN_SIZE_1_27 = {"CheckpointLoaderSimple": (210, 98), "LoadImage": (215, 326), "SefiTrainIdentity": (228, 498),
                   "SefiApplyStageTokens": (210, 170), "CLIPTextEncode": (211, 88), "EmptyLatentImage": (210, 106),
                   "KSampler": (210, 262), "VAEDecode": (140, 46), "SaveImage": (210, 58), "SefiLoadIdentity": (210, 78),
                   "VAEEncodeForInpaint": (213, 98), "SefiAttentionMapPreview": (235, 234), "Note": (210, 88)}
-_MIN_SIZE_1_49 = {**_MIN_SIZE_1_27, "LoadImage": (223, 326), "SefiTrainIdentity": (237, 450), "CLIPTextEncode": (219, 88),
+_MIN_SIZE_1_49 = {**_MIN_SIZE_1_27, "LoadImage": (223, 326), "SefiTrainIdentity": (237, 498), "CLIPTextEncode": (219, 88),
                   "VAEEncodeForInpaint": (223, 98), "SefiAttentionMapPreview": (245, 234)}
 FRONTENDS = {
     "1.27.10": {"canvas": (64, 78), "visible": (64, 78, 1920, 1080), "covered": [(1596, 1018, 1904, 1064)],

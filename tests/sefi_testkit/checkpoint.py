@@ -31,6 +31,7 @@ class UNetLayout:
     transformer_depth: tuple[int, ...]  # one entry per input res block
     transformer_depth_middle: int
     transformer_depth_output: tuple[int, ...]  # popped from the end: last entry is output_blocks.0
+    in_channels: int = 4  # 9 for an inpainting UNet: latent, mask, masked-image latent (the host detects SD1.5 inpainting)
 
 
 _SD1_DEPTH = (1, 1, 1, 1, 1, 1, 0, 0)
@@ -39,10 +40,14 @@ _SD1_DEPTH_OUTPUT = (1,) * 9 + (0,) * 3
 PRESETS = {
     # One level, attention in input_blocks.1, the middle block and output_blocks.0/1: 4 attn2 layers.
     "tiny": UNetLayout((1,), (1,), (1,), 1, (1, 1)),
+    # The same as an inpainting UNet (SD1.5 inpainting's 9 input channels): the model PVA and face inpainting use.
+    "tiny_inpaint": UNetLayout((1,), (1,), (1,), 1, (1, 1), in_channels=9),
     # The SD1.x block structure (16 attn2 layers) with every level at 320 channels (~100M UNet).
     "sd1_layout": UNetLayout((1, 1, 1, 1), (2, 2, 2, 2), _SD1_DEPTH, 1, _SD1_DEPTH_OUTPUT),
     # True SD1.5 dimensions (~860M UNet): for benchmarks only, never used by the tests.
     "sd15_size": UNetLayout((1, 2, 4, 4), (2, 2, 2, 2), _SD1_DEPTH, 1, _SD1_DEPTH_OUTPUT),
+    # The same as an inpainting UNet: PVA's benchmarks.
+    "sd15_inpaint_size": UNetLayout((1, 2, 4, 4), (2, 2, 2, 2), _SD1_DEPTH, 1, _SD1_DEPTH_OUTPUT, in_channels=9),
 }
 
 
@@ -51,7 +56,7 @@ def unet_config(preset: str) -> dict:
     layout = PRESETS[preset]
     return {
         "image_size": 32,
-        "in_channels": 4,
+        "in_channels": layout.in_channels,
         "out_channels": 4,
         "model_channels": 320,
         "context_dim": 768,

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 CLIENT_ID = "sefi-tests"
 IDENTITY_FOLDER = "sefi_identities"
+TRAIN_STATE_FOLDER = "sefi_training_state"
+PVA_IDENTITY_FOLDER = "pva_identities"
 _active_host: Host | None = None
 
 
@@ -102,6 +104,16 @@ class Host:
         self._load_nodes()
         self.identity_dir = self._make_dir("identities")
         self.folder_paths.add_model_folder_path(IDENTITY_FOLDER, str(self.identity_dir), is_default=True)
+        self.train_state_dir = self._make_dir("training_state")
+        self.folder_paths.add_model_folder_path(TRAIN_STATE_FOLDER, str(self.train_state_dir), is_default=True)
+        self.pva_identity_dir = self._make_dir("pva_identities")
+        self.folder_paths.add_model_folder_path(PVA_IDENTITY_FOLDER, str(self.pva_identity_dir), is_default=True)
+        self.pva_encoder_dir = self._make_dir("pva_encoders")
+        self.folder_paths.add_model_folder_path("pva_encoders", str(self.pva_encoder_dir), is_default=True)
+        self.face_recognizer_dir = self._make_dir("face_recognizers")
+        self.folder_paths.add_model_folder_path("face_recognizers", str(self.face_recognizer_dir), is_default=True)
+        self.embedding_dir = self._make_dir("embeddings")
+        self.folder_paths.add_model_folder_path("embeddings", str(self.embedding_dir), is_default=True)
         self.executor = _classic_executor(self.execution, self.server)
         _active_host = self
 

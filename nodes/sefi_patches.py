@@ -1,5 +1,4 @@
-"""Everything SeFi needs to know about ComfyUI, in one place: SD1.x checks, the identity folder, CLIP
-token access, and the clone-scoped patches that carry stage contexts from the text encoder into
+"""SeFi's patches on MODEL and CLIP clones: they carry the stage contexts from the text encoder into
 cross-attention.
 
 How a prompt with a trigger flows (see README "How it works"):
@@ -16,15 +15,12 @@ How a prompt with a trigger flows (see README "How it works"):
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 
 import torch
 
 import comfy.conds
 import comfy.patcher_extension
-import folder_paths
 from comfy_api.latest import io
 
 from ..sefi_core.identity_context import IdentityContext
@@ -33,94 +29,12 @@ from ..sefi_core.prompt_tokens import IdentitySlot, identity_slots, mark_trigger
 
 log = logging.getLogger(__name__)
 
-IDENTITY_FOLDER = "sefi_identities"
 COND_KEY = "sefi_stage_contexts"  # model cond / apply_model kwarg carrying StageContextCond (set while sampling)
 OPTIONS_KEY = "sefi_stage_kv"  # transformer_options entry: this UNet call's (k_ctx, v_ctx, rows)
 WRAPPER_KEY = "sefi_ide"
 MARKER_KEY = "sefi_identity"  # key in the host embedding entry that marks a trigger slot
 
 SefiIdentity = io.Custom("SEFI_IDENTITY")
-
-
-# ---------------------------------------------------------------- folders
-
-def register_identity_folder() -> None:
-    """models/sefi_identities, merged with any paths extra_model_paths.yaml gave the same folder name."""
-    default = os.path.join(folder_paths.models_dir, IDENTITY_FOLDER)
-    paths, _ = folder_paths.folder_names_and_paths.get(IDENTITY_FOLDER, ([], set()))
-    if default not in paths:
-        paths = paths + [default]
-    folder_paths.folder_names_and_paths[IDENTITY_FOLDER] = (paths, {".safetensors"})
-
-
-def identity_files() -> list[str]:
-    return folder_paths.get_filename_list(IDENTITY_FOLDER)
-
-
-def identity_path(name: str) -> str:
-    return folder_paths.get_full_path_or_raise(IDENTITY_FOLDER, name)
-
-
-def identity_save_dir() -> str:
-    return folder_paths.get_folder_paths(IDENTITY_FOLDER)[0]
-
-
-# ---------------------------------------------------------------- SD1.x checks
-
-def validation_result(check, *args, **kwargs):
-    """A node's `validate_inputs` answer: True, or the check's error message (the host shows it for the input and
-    runs nothing). The host then skips its own check of those inputs, whose message would not say what to do."""
-    try:
-        check(*args, **kwargs)
-    except (ValueError, FileNotFoundError) as error:
-        return str(error)
-    return True
-
-
-def check_sd1_model(model) -> None:
-    config = model.model.model_config
-    context_dim = config.unet_config.get("context_dim")
-    family = type(config).__name__
-    if context_dim != 768 or "SD15" not in {c.__name__ for c in type(config).__mro__}:
-        raise ValueError(f"SeFi identities are for SD1.x models (768-d CLIP-L text context). This model is "
-                         f"{family} with a {context_dim}-d text context. Load an SD1.x checkpoint "
-                         "(SD 1.4/1.5, their fine-tunes or the SD1.5 inpainting model).")
-
-
-def check_sd1_clip(clip) -> None:
-    encoder = clip.cond_stage_model
-    if getattr(encoder, "clip_name", None) != "l" or not hasattr(encoder, "clip_l"):
-        raise ValueError(f"SeFi identities are for the SD1.x text encoder (CLIP-L). This CLIP is "
-                         f"{type(encoder).__name__}; use the CLIP output of an SD1.x Load Checkpoint.")
-    width = token_embedding_table(clip).shape[1]
-    if width != 768:
-        raise ValueError(f"SeFi identities need 768-d CLIP-L word embeddings; this CLIP's are {width}-d.")
-
-
-# ---------------------------------------------------------------- tokens
-
-def token_embedding_table(clip) -> torch.Tensor:
-    return clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight
-
-
-def word_token_ids(clip, word: str) -> tuple[int, ...]:
-    """The CLIP-L token ids the host's own tokenizer gives a word, without start/end/padding."""
-    tokenizer = clip.tokenizer.clip_l
-    chunk = tokenizer.tokenize_with_weights(word)[0]
-    ids = [e[0] for e in chunk[1:]]
-    return tuple(ids[: ids.index(tokenizer.end_token)])
-
-
-def word_embedding(clip, word: str) -> torch.Tensor:
-    """(768,) input embedding of a word; the mean of its tokens when the tokenizer splits it."""
-    ids = torch.tensor(word_token_ids(clip, word))
-    return token_embedding_table(clip)[ids].detach().to("cpu", torch.float32).mean(0)
-
-
-def model_fingerprint(clip) -> str:
-    """Short hash of the text encoder's word embeddings: tells SD1.x families apart cheaply."""
-    rows = token_embedding_table(clip)[:64].detach().to("cpu", torch.float32)
-    return hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16]
 
 
 class SefiTokenizer:
@@ -316,14 +230,6 @@ def refuse_empty_inpainting_mask(executor, noise, latent_image, sampler, sigmas,
                          "back unchanged. Paint over the face (right-click Load Image > Open in MaskEditor) or connect a "
                          "mask that covers it, then queue again.")
     return executor(noise, latent_image, sampler, sigmas, denoise_mask, *args, **kwargs)
-
-
-def show_text_on_node(node_id: str | None, text: str) -> None:
-    """Text shown on the node in the frontend while it runs (the host's progress-text message)."""
-    from server import PromptServer  # the running server; imported late, as it imports the whole host
-
-    if node_id is not None and PromptServer.instance is not None:
-        PromptServer.instance.send_progress_text(text, node_id)
 
 
 def patch_model(model):

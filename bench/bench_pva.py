@@ -1,0 +1,217 @@
+"""Benchmark, PVA, measured in one run on one machine:
+- sampling: a sampling step of a PVA-patched model (PVA Apply, visual tokens on both branches, as the paper samples)
+  over the unpatched one; goal <= 1.10 (issue 14);
+- fine-tune: a step of PVA Fine-tune Identity (two timesteps in one UNet batch, the patched UNet, the word through
+  the CLIP, AdamW on the projections) over a plain inpainting-UNet forward+backward of the same batch; goal <= 1.15;
+  and the process's peak memory;
+- encoder: a sample of PVA Train Encoder (the recognizer's features of 3 reference photos through the encoder, 4
+  timesteps in one UNet batch through the patched UNet, backward into the encoder, the projections and the word;
+  stage 1, recognizer r50 as the paper's) over a plain inpainting-UNet forward+backward of the same batch; goal <= 1.15;
+  and that step scaled to the paper's 8 samples a step and 50k steps.
+
+    COMFYUI_PATH=/path/to/ComfyUI python bench/bench_pva.py [--part sampling|fine-tune|encoder|all] [--size 256]
+
+Builds SD1.5-size checkpoints with random weights (and, for sampling, a PVA identity of copied projections; nothing is
+downloaded), runs the real host. Absolute times are printed with the device they were taken on.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels (latent is size/8)")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--preset", default="sd15_size", help="checkpoint preset (sd15_size = real SD1.5 dims)")
+    parser.add_argument("--inpaint-preset", default="sd15_inpaint_size", help="the fine-tune's checkpoint preset")
+    parser.add_argument("--part", choices=("sampling", "fine-tune", "encoder", "all"), default="all")
+    args = parser.parse_args()
+
+    import conftest  # noqa: F401  (registers sefi_core, keeps the repo root off sys.path)
+    from sefi_testkit.comfy_env import find_comfyui
+    from sefi_testkit.host import Host
+
+    comfy_path = find_comfyui()
+    if comfy_path is None:
+        sys.exit("Set COMFYUI_PATH to a ComfyUI checkout (see README).")
+    work_dir = tempfile.mkdtemp(prefix="sefi-bench-pva-")
+    try:
+        host = Host(comfy_path, ROOT, work_dir, data_dir=ROOT / "tests" / "data")
+        if args.part in ("sampling", "all"):
+            measure(args, host)
+        if args.part in ("fine-tune", "all"):
+            measure_fine_tune(args, host)
+        if args.part in ("encoder", "all"):
+            measure_encoder_training(args, host)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)  # the checkpoint is 2 GB
+
+
+def measure(args, host) -> None:
+    import comfy_probe as probe
+    from bench_apply import timed
+
+    pack = host.pack.__name__
+    pva = importlib.import_module(f"{pack}.nodes.pva_patch")
+    attention = importlib.import_module(f"{pack}.sefi_core.pva.attention")
+    model, clip, _ = host.load_checkpoint(host.checkpoint(args.preset))
+    g = torch.Generator().manual_seed(0)
+    projections = {name: attention.VisualProjections.copy_of(layer.to_q.weight, layer.to_k.weight, layer.to_v.weight)
+                   for name, layer in pva.cross_attention_layers(model).items()}
+    identity = pva.VisualIdentity(torch.randn(10, 768, generator=g) * 0.5, projections, on_negative=True)
+    patched = pva.apply_visual_identity(model, identity)
+    positive, negative = probe.encode(host, clip, "photo of a person"), probe.encode(host, clip, "blurry, lowres")
+    run = lambda m: lambda: probe.sample(host, m, positive, negative, steps=args.steps, cfg=7.0, size=args.size)
+
+    run(model)(), run(patched)()  # warm-up: load weights, allocate, cast the projections
+    plain_t, pva_t = [], []
+    for _ in range(args.repeats):  # interleaved so drift hits both alike
+        plain_t += timed(run(model), 1)
+        pva_t += timed(run(patched), 1)
+    device = host.model_management.get_torch_device()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    step = lambda ts: statistics.median(ts) / args.steps
+    print(f"device: {name}; checkpoint preset {args.preset}; {args.size}x{args.size} px; cfg 7 (batch 2), visual "
+          f"tokens on both branches; {len(projections)} cross-attention layers patched")
+    print(f"sampling step: unpatched {step(plain_t):.3f} s, PVA {step(pva_t):.3f} s, "
+          f"ratio {step(pva_t) / step(plain_t):.3f} (goal <= 1.10)")
+
+
+def device_name(host) -> str:
+    device = host.model_management.get_torch_device()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+
+
+def measure_fine_tune(args, host) -> None:
+    from bench_train import clock, synchronize
+
+    pack = host.pack.__name__
+    fine_tune = importlib.import_module(f"{pack}.nodes.pva_fine_tune")
+    training = importlib.import_module(f"{pack}.nodes.training")
+    pva = importlib.import_module(f"{pack}.nodes.pva_patch")
+    pva_train = importlib.import_module(f"{pack}.sefi_core.pva.train")
+    model, clip, vae = host.load_checkpoint(host.checkpoint(args.inpaint_preset))
+    image = host.nodes.LoadImage().load_image("astronaut.png")[0]
+    squares = fine_tune.square_photos([image[0]], None, args.size)
+    tokens = torch.randn(10, 768, generator=torch.Generator().manual_seed(0)) * 0.5
+    tuner = fine_tune.PVAFineTuner(model, clip, "sks", tokens)
+    settings = pva_train.FineTuneSettings(steps=args.steps, resolution=args.size)
+    with torch.inference_mode(), training.frozen(tuner.model.model, tuner.clip.cond_stage_model), \
+            torch.inference_mode(False), torch.enable_grad():
+        try:
+            tuner.load()
+            samples = tuner.samples(squares, vae)
+            sample = samples[0]
+            context = tuner.clip.encode_from_tokens({"l": tuner.with_token(tuner.prompt, tuner.initial_word)}).detach()
+            sampling = model.get_model_object("model_sampling")
+            layers = pva.cross_attention_layers(tuner.model).values()
+            patched_forwards = [layer.forward for layer in layers]
+
+            def plain_unet():  # forward+backward of the same batch of 2 to its input, PVA's forwards taken off
+                for layer in layers:
+                    layer.forward = types.MethodType(type(layer).forward, layer)
+                try:
+                    unet_forward_backward()
+                finally:
+                    for layer, forward in zip(layers, patched_forwards):
+                        layer.forward = forward
+
+            def unet_forward_backward():
+                x = sample.latent.expand(2, -1, -1, -1).clone().requires_grad_(True)
+                sigma = sampling.sigma(torch.tensor([250.0, 750.0], device=x.device))
+                out = tuner.model.model.apply_model(x, sigma, c_concat=sample.concat.expand(2, -1, -1, -1).to(tuner.dtype),
+                                              c_crossattn=context.expand(2, -1, -1).to(tuner.device, tuner.dtype))
+                out.float().pow(2).mean().backward()
+
+            run = lambda steps: pva_train.fine_tune(pva_train.FineTuneSettings(steps=steps, resolution=args.size),
+                                                     tuner.identity, samples, tuner.denoise,
+                                                     compute_dtype=tuner.dtype)
+            run(1), plain_unet()  # warm-up
+            synchronize()
+            step = clock(lambda: run(1), settings.steps)
+            plain = clock(plain_unet, settings.steps)
+        finally:
+            tuner.release()
+    print(f"device: {device_name(host)}; checkpoint preset {args.inpaint_preset} (random weights); {args.size}x{args.size} px; "
+          f"batch of 2 timesteps; {tuner.dtype}")
+    print(f"fine-tune step: {step:.3f} s; plain inpainting UNet forward+backward {plain:.3f} s; ratio {step / plain:.3f} "
+          f"(goal <= 1.15); 40 steps: {40 * step:.0f} s here; peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB")
+
+
+def measure_encoder_training(args, host, timesteps: int = 4, references: int = 3) -> None:
+    from bench_train import clock, synchronize
+
+    pack = host.pack.__name__
+    module = lambda name: importlib.import_module(f"{pack}.{name}")
+    fine_tune, training, pva = module("nodes.pva_fine_tune"), module("nodes.training"), module("nodes.pva_patch")
+    pva_train, face, encoder_module = module("sefi_core.pva.train"), module("sefi_core.pva.face"), module("sefi_core.pva.encoder")
+    model, clip, vae = host.load_checkpoint(host.checkpoint(args.inpaint_preset))
+    image = host.nodes.LoadImage().load_image("astronaut.png")[0]
+    squares = fine_tune.square_photos([image[0]], None, args.size)
+    torch.manual_seed(0)
+    encoder, recognizer = encoder_module.IdentityEncoder(768), face.IResNet("r50")
+    tuner = fine_tune.PVAFineTuner(model, clip, "sks", torch.zeros(10, 768))
+    with torch.inference_mode(), training.frozen(tuner.model.model, tuner.clip.cond_stage_model), \
+            torch.inference_mode(False), torch.enable_grad():
+        try:
+            tuner.load()
+            sample = tuner.samples(squares, vae)[0]
+            photos = torch.nn.functional.interpolate(squares[0][0][None], (256, 256)).expand(references, -1, -1, -1)
+            drawn = pva_train.EncoderSample(sample, photos.to(tuner.device).contiguous())
+            trainables = pva_train.EncoderTrainables(encoder, recognizer, tuner.identity, 1)
+            context = tuner.clip.encode_from_tokens({"l": tuner.with_token(tuner.prompt, tuner.initial_word)}).detach()
+            sampling = model.get_model_object("model_sampling")
+            layers = pva.cross_attention_layers(tuner.model).values()
+            patched_forwards = [layer.forward for layer in layers]
+
+            def plain_unet():  # forward+backward of the same batch to its input, PVA's forwards taken off
+                for layer in layers:
+                    layer.forward = types.MethodType(type(layer).forward, layer)
+                try:
+                    x = sample.latent.expand(timesteps, -1, -1, -1).clone().requires_grad_(True)
+                    sigma = sampling.sigma(torch.linspace(125.0, 875.0, timesteps, device=x.device))
+                    out = tuner.model.model.apply_model(
+                        x, sigma, c_concat=sample.concat.expand(timesteps, -1, -1, -1).to(tuner.dtype),
+                        c_crossattn=context.expand(timesteps, -1, -1).to(tuner.device, tuner.dtype))
+                    out.float().pow(2).mean().backward()
+                finally:
+                    for layer, forward in zip(layers, patched_forwards):
+                        layer.forward = forward
+
+            settings = pva_train.EncoderTrainingSettings(steps=1, batch_size=1, accumulation=1, timesteps=timesteps,
+                                                         resolution=args.size)
+            run = lambda: pva_train.train_encoder(settings, trainables, lambda g: drawn, tuner.denoise,
+                                                  compute_dtype=tuner.dtype)
+            run(), plain_unet()  # warm-up
+            synchronize()
+            step = clock(run, args.steps)
+            plain = clock(plain_unet, args.steps)
+        finally:
+            tuner.release()
+    paper = 8 * 50_000 * step
+    print(f"device: {device_name(host)}; checkpoint preset {args.inpaint_preset} (random weights); {args.size}x{args.size} "
+          f"px; a sample of {timesteps} timesteps, {references} references, recognizer r50, stage 1; {tuner.dtype}")
+    print(f"encoder-training sample: {step:.3f} s; plain inpainting UNet forward+backward {plain:.3f} s; ratio "
+          f"{step / plain:.3f} (goal <= 1.15); the paper's 50k steps of 8 samples: {paper / 3600:.0f} h here; peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()

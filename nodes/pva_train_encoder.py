@@ -1,0 +1,272 @@
+"""PVA Train Encoder: a dataset folder of many people + an SD1.5 inpainting MODEL and a face recognizer -> a PVA identity
+encoder in models/pva_encoders (sefi_core/pva/train.py has the method, sefi_core/pva/dataset.py the folder layout).
+
+It trains on the same resident clones, with the same PVA patch and the same inpainting inputs as PVA Fine-tune Identity
+(pva_fine_tune.PVAFineTuner), through the run both systems share (training.train_on_clones). Every `save_every` steps
+and at the end it saves, atomically, the encoder (with the visual projections and the word it trained) and its
+training state (models/sefi_training_state): a cancelled or crashed run keeps its last save, and `resume` goes on from
+it exactly. Stage 2 also tunes the face recognizer, saved beside the others in models/face_recognizers.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+
+import torch
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..sefi_core.files import save_atomically
+from ..sefi_core.identity import IdentityError, validate_identity_name
+from ..sefi_core.plot import loss_curve_image
+from ..sefi_core.pva.dataset import (ALIGNED_FACE_BOX, WHOLE_PHOTO, FaceDataset, box_mask, parse_box, read_mask,
+                                     read_photo)
+from ..sefi_core.pva.encoder import IdentityEncoder
+from ..sefi_core.pva.face import CROP_FROM
+from ..sefi_core.pva.model_files import PVAEncoder, save_encoder
+from ..sefi_core.pva.train import EncoderSample, EncoderTrainables, EncoderTrainingSettings, train_encoder
+from ..sefi_core.train_state import TrainStateError, load_train_state, save_train_state
+from .checks import check_sd1_clip
+from .folders import FACE_RECOGNIZER_FOLDER, PVA_ENCODER_FOLDER, identity_save_dir, train_state_path
+from .pva_fine_tune import PVAFineTuner, check_encoder_fits, check_inpainting_model
+from .pva_nodes import EncoderType, FaceRecognizerType
+from .node_ui import show_text_on_node
+from .train_identity import WrittenFiles, progress_reporter
+from .training import CHECKPOINTING_MODES, checkpointing_input, train_on_clones
+
+log = logging.getLogger(__name__)
+NODE = "PVA Train Encoder"
+TRIGGER = "sks"  # the learned word S*; the fine-tune's identities keep the word the encoder learned
+FACE_REGIONS = {"aligned face box": ALIGNED_FACE_BOX, "whole photo": WHOLE_PHOTO, "custom box": None}
+STAGES = {"1: encoder, visual attention, word": 1, "2: also the face recognizer": 2}
+
+
+def dataset_path(folder: str) -> str:
+    """An absolute folder, or one under ComfyUI's input folder."""
+    folder = folder.strip()
+    return folder if os.path.isabs(folder) else os.path.join(folder_paths.get_input_directory(), folder)
+
+
+def state_file(encoder_file: str) -> str:
+    return train_state_path(f"pva_encoder-{encoder_file}")
+
+
+def tuned_recognizer_file(encoder_file: str) -> str:
+    return f"{os.path.splitext(encoder_file)[0]}_recognizer.safetensors"
+
+
+class SampleReader:
+    """draw(generator) -> EncoderSample: the dataset's next target photo as the inpainting model sees it (encoded by
+    the host's VAE, its face masked as InpaintModelConditioning masks it) and its references, read from disk."""
+
+    def __init__(self, dataset: FaceDataset, tuner: PVAFineTuner, vae, resolution: int, box):
+        self.dataset, self.tuner, self.vae, self.resolution, self.box = dataset, tuner, vae, resolution, box
+
+    def __call__(self, generator: torch.Generator) -> EncoderSample:
+        drawn = self.dataset.draw(generator)
+        photo = read_photo(drawn.target.path, self.resolution)
+        mask = read_mask(drawn.target.mask, self.resolution) if drawn.target.mask else box_mask(self.box,
+                                                                                                self.resolution)
+        references = torch.stack([read_photo(p.path, CROP_FROM) for p in drawn.references])
+        if drawn.flip_last:
+            references = torch.cat([references, references[-1:].flip(-1)])
+        return EncoderSample(self.tuner.samples([(photo, mask)], self.vae)[0], references.to(self.tuner.device))
+
+
+class PVATrainEncoder(io.ComfyNode):
+    written_files = WrittenFiles()
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PVATrainEncoder",
+            display_name="PVA Train Encoder",
+            category="PVA",
+            description="Trains PVA's identity encoder on a dataset of many people (the paper: 1,963 people, 50k steps "
+                        "per stage on a large GPU), with the visual attention and the learned word beside it. Saves "
+                        "to models/pva_encoders as it goes; resumable. No pretrained encoder exists publicly.",
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.5 inpainting model the encoder will serve."),
+                io.Clip.Input("clip", tooltip="Its CLIP."),
+                io.Vae.Input("vae", tooltip="Its VAE; encodes the photos."),
+                FaceRecognizerType.Input("face_recognizer", tooltip="From PVA Load Face Recognizer (ArcFace r50 is "
+                                                                    "the paper's). Stage 2 tunes a copy of it."),
+                io.String.Input("dataset_folder", default="pva_dataset",
+                                tooltip="A folder (under ComfyUI's input folder, or a full path) with one sub-folder "
+                                        "per person, 2 or more aligned face photos each. Optional face mask beside a "
+                                        "photo: photo.mask.png for photo.jpg, white on the face."),
+                io.String.Input("name", default="my_pva_encoder",
+                                tooltip="File name in models/pva_encoders (letters, digits, - and _)."),
+                io.Combo.Input("stage", options=list(STAGES), default=next(iter(STAGES)),
+                               tooltip="1: train from scratch (or from a connected encoder). 2: the paper's second "
+                                       "stage, from a stage-1 encoder (connect it), also tuning the face recognizer."),
+                io.Int.Input("steps", default=1000, min=1, max=1_000_000,
+                             tooltip="Optimiser steps in all (a resumed run goes on to this many). The paper runs up "
+                                     "to 50,000 per stage."),
+                io.Int.Input("batch_size", default=2, min=1, max=64,
+                             tooltip="Samples per accumulation step; the paper uses 2."),
+                io.Int.Input("accumulation", default=4, min=1, max=64,
+                             tooltip="Accumulation steps per optimiser step; the paper uses 4 (8 samples a step)."),
+                io.Int.Input("timesteps_per_sample", default=4, min=1, max=16,
+                             tooltip="Stratified noise levels per sample, one UNet batch; the paper uses 4."),
+                io.Float.Input("encoder_learning_rate", default=3.2e-5, min=1e-7, max=1e-2, step=1e-7,
+                               tooltip="AdamW learning rate of the encoder; the paper's 3.2e-5."),
+                io.Float.Input("projection_learning_rate", default=8e-6, min=1e-8, max=1e-2, step=1e-8,
+                               tooltip="Of the visual projections; the paper's 1e-6 x the samples per step (8e-6)."),
+                io.Float.Input("word_learning_rate", default=1e-3, min=0.0, max=0.1, step=1e-5,
+                               tooltip="Of the learned word; the paper's 1e-3. 0 keeps the trigger's embedding."),
+                io.Float.Input("recognizer_learning_rate", default=8e-6, min=1e-8, max=1e-2, step=1e-8,
+                               tooltip="Stage 2 only: of the face recognizer (the visual projections' rate, as the "
+                                       "authors' optimiser gives it)."),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
+                             tooltip="Seed for the samples drawn, the timesteps, the noise and the encoder's start."),
+                io.Int.Input("resolution", default=512, min=64, max=1024, step=64,
+                             tooltip="Training resolution in pixels; SD1.5 inpainting is made for 512."),
+                io.Combo.Input("face_region", options=list(FACE_REGIONS), default="aligned face box",
+                               tooltip="What is masked out and inpainted where a photo has no mask file: the aligned "
+                                       "face box (the recognizer's crop of an aligned face), the whole photo, or the "
+                                       "box in custom_box."),
+                io.String.Input("custom_box", default="0.125, 0.137, 0.859, 0.871",
+                                tooltip="With face_region 'custom box': left, top, right, bottom as fractions of the "
+                                        "photo's centre square (the default is the aligned face box)."),
+                io.Int.Input("save_every", default=500, min=1, max=100_000,
+                             tooltip="Save the encoder and its training state every this many steps (and at the "
+                                     "end). A cancelled run keeps its last save."),
+                io.Boolean.Input("resume", default=True,
+                                 tooltip="On: go on from this name's last save, with its settings, to 'steps'. Off: a "
+                                         "new run; an existing name is an error (delete it, or choose another)."),
+                EncoderType.Input("pva_encoder", optional=True,
+                                  tooltip="Optional: start from this encoder (from PVA Load Encoder); stage 2 needs "
+                                          "the stage-1 encoder here."),
+                checkpointing_input(),
+            ],
+            outputs=[EncoderType.Output(display_name="pva_encoder", tooltip="The trained encoder, for PVA Fine-tune "
+                                                                            "Identity."),
+                     io.Image.Output(display_name="loss_curve", tooltip="The training loss over the steps.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def validate_inputs(cls, stage=None, face_region=None, gradient_checkpointing=None):
+        for name, value, options in (("stage", stage, STAGES), ("face_region", face_region, FACE_REGIONS),
+                                     ("gradient_checkpointing", gradient_checkpointing, CHECKPOINTING_MODES)):
+            if value is not None and value not in options:
+                return f"{name} {value!r} is not one of {list(options)}: pick one on the node."
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, name, **kwargs):
+        """The file it writes: trained again once deleted."""
+        try:
+            return cls.written_files.fingerprint(os.path.join(identity_save_dir(PVA_ENCODER_FOLDER),
+                                                              validate_identity_name(name)))
+        except IdentityError:
+            return name  # execute() reports the bad name
+
+    @classmethod
+    def execute(cls, model, clip, vae, face_recognizer, dataset_folder, name, stage, steps, batch_size, accumulation,
+                timesteps_per_sample, encoder_learning_rate, projection_learning_rate, word_learning_rate,
+                recognizer_learning_rate, seed, resolution, face_region, custom_box, save_every, resume,
+                pva_encoder=None, gradient_checkpointing="auto") -> io.NodeOutput:
+        check_inpainting_model(model)
+        check_sd1_clip(clip)
+        file = validate_identity_name(name)
+        path = os.path.join(identity_save_dir(PVA_ENCODER_FOLDER), file)
+        settings = EncoderTrainingSettings(
+            stage=STAGES[stage], steps=steps, batch_size=batch_size, accumulation=accumulation,
+            timesteps=timesteps_per_sample, encoder_learning_rate=encoder_learning_rate,
+            projection_learning_rate=projection_learning_rate, word_learning_rate=word_learning_rate,
+            recognizer_learning_rate=recognizer_learning_rate, seed=seed, resolution=resolution)
+        saved = cls.saved_run(file, path, settings, resume)
+        if saved is not None:
+            settings = EncoderTrainingSettings(**{**saved.settings, "steps": steps})
+        elif settings.stage == 2 and pva_encoder is None:
+            raise ValueError("Stage 2 goes on from a stage-1 encoder: connect PVA Load Encoder with it to "
+                             "'pva_encoder' (and the face recognizer stage 1 used), or pick stage 1.")
+        if pva_encoder is not None:
+            check_encoder_fits(pva_encoder, model)
+        box = FACE_REGIONS[face_region] or parse_box(custom_box)
+        dataset = FaceDataset(dataset_path(dataset_folder))
+        cls.announce(dataset, saved, settings, file)
+
+        network = pva_encoder.network if pva_encoder is not None else new_encoder(model, settings.seed)
+        recognizer = face_recognizer.network
+        tuner = PVAFineTuner(model, clip, TRIGGER, torch.zeros(network.queries.shape[0], network.project.out_features),
+                             gradient_checkpointing == "on", pva_encoder)
+        recognizer_name = (f"iresnet {recognizer.depth} ({tuned_recognizer_file(file)})" if settings.stage == 2
+                           else face_recognizer.name)
+        record = {**settings.as_metadata(), "dataset": os.path.basename(os.path.normpath(dataset.root)),
+                  "people": len(dataset.people), "photos": dataset.photo_count, "dataset_digest": dataset.digest()}
+
+        def save(trainables: EncoderTrainables, state) -> None:
+            projections, word = trainables.identity.frozen_copy()
+            if settings.stage == 2:  # first, so that the encoder never names a recognizer file not yet written
+                save_atomically({k: v.float() for k, v in trainables.recognizer.state_dict().items()},
+                                {"pva.tuned_from": face_recognizer.name}, os.path.join(
+                                    identity_save_dir(FACE_RECOGNIZER_FOLDER), tuned_recognizer_file(file)))
+            save_encoder(trainables.encoder, path, recognizer_name, {**record, "steps": state.steps_done},
+                         projections, word)
+            state.photos = record["dataset_digest"]
+            save_train_state(state, state_file(file))
+            cls.written_files.wrote(path)
+
+        def train(draw):
+            tuner.start_identity()  # afresh: an out-of-memory retry starts again
+            # copies: the loaders' outputs stay as they are (the host caches them)
+            trainables = EncoderTrainables(copy.deepcopy(network), copy.deepcopy(recognizer), tuner.identity,
+                                           settings.stage)
+            return trainables, train_encoder(settings, trainables, draw, tuner.denoise, on_step,
+                                             lambda state: save(trainables, state), save_every, saved, tuner.dtype)
+
+        on_step, _ = progress_reporter(settings.steps, cls.hidden.unique_id if cls.hidden else None)
+        trainables, result = train_on_clones(tuner, tuner.checkpointing, gradient_checkpointing, settings.resolution,
+                                             NODE, lambda: SampleReader(dataset, tuner, vae, settings.resolution, box),
+                                             train)
+        log.info("PVA: saved encoder %s after %d steps (loss %.4f)", path, settings.steps, result.losses[-1])
+        projections, word = trainables.identity.frozen_copy()
+        encoder = PVAEncoder(trainables.encoder.to("cpu").eval(), recognizer_name, projections, word,
+                             {**record, "steps": settings.steps})
+        curve = torch.from_numpy(loss_curve_image(result.losses, settings.steps)).unsqueeze(0)
+        return io.NodeOutput(encoder, curve, ui=ui.PreviewImage(curve, cls=cls))
+
+    @staticmethod
+    def saved_run(file: str, path: str, settings: EncoderTrainingSettings, resume: bool):
+        """The training state to go on from, or None for a new run; refusals where neither fits."""
+        state_path = state_file(file)
+        if resume and os.path.exists(state_path):
+            state = load_train_state(state_path, f"Delete it (and models/pva_encoders/{file}) to start {file} anew.")
+            if state.settings.get("stage") is None or "encoder_learning_rate" not in state.settings:
+                raise TrainStateError(f"{os.path.basename(state_path)} is not an encoder training's state. Delete it "
+                                      "to start anew.")
+            if settings.steps <= state.steps_done:
+                raise ValueError(f"{file} is already trained for {state.steps_done} steps; set 'steps' above that to "
+                                 f"go on (e.g. {state.steps_done + 1000}).")
+            return state
+        if os.path.exists(path):
+            advice = ("switch 'resume' on to go on training it, or" if os.path.exists(state_path) else
+                      "it has no training state to resume from:")
+            raise IdentityError(f"A PVA encoder named {file!r} already exists; {advice} choose another name (or delete "
+                                "it to start anew).")
+        return None
+
+    @classmethod
+    def announce(cls, dataset: FaceDataset, saved, settings: EncoderTrainingSettings, file: str) -> None:
+        text = (f"{len(dataset.people)} people, {dataset.photo_count} photos"
+                + (f" ({len(dataset.too_few)} folders with one photo left out)" if dataset.too_few else "")
+                + (f"; resuming {file} at step {saved.steps_done} of {settings.steps} with its settings"
+                   if saved is not None else f"; stage {settings.stage}, {settings.steps} steps"))
+        if saved is not None and saved.photos and saved.photos != dataset.digest():
+            text += ". The dataset changed since: the run will not end where one long run ends"
+        show_text_on_node(cls.hidden.unique_id if cls.hidden else None, text + ".")
+        log.info("PVA: %s", text)
+
+
+def new_encoder(model, seed: int) -> IdentityEncoder:
+    """A freshly initialised encoder for the model's context width, from the run's seed (the process's generator
+    untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return IdentityEncoder(model.model.model_config.unet_config.get("context_dim"))

@@ -1,0 +1,144 @@
+"""The dataset PVA's identity encoder trains on: a folder with one sub-folder per person, each holding two or more photos
+of that person (aligned face crops, as CelebA-HQ's), and optionally a face mask beside a photo: `photo.mask.png` for
+`photo.jpg`, white where the face is (what the training inpaints). Without a mask the face region is a box: the aligned
+face box (the recognizer's crop region), a box given as fractions of the photo, or the whole photo.
+
+Each training sample is drawn as the authors draw it (../shared/notes/pva.md): a person, one of their photos as the
+target, and 1-5 of their other photos as the references (a random count), plus a flipped copy of the last reference
+20% of the time. Photos are read when drawn: a dataset of thousands of people never sits in memory.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from .encoder import MAX_REFERENCES
+from .face import CROP_COLS, CROP_FROM, CROP_ROWS
+
+PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+MASK_SUFFIX = ".mask.png"
+FLIPPED_REFERENCE_CHANCE = 0.2
+ALIGNED_FACE_BOX = (CROP_COLS[0] / CROP_FROM, CROP_ROWS[0] / CROP_FROM, CROP_COLS[1] / CROP_FROM,
+                    CROP_ROWS[1] / CROP_FROM)  # (left, top, right, bottom) as fractions
+WHOLE_PHOTO = (0.0, 0.0, 1.0, 1.0)
+
+
+class DatasetError(ValueError):
+    """A dataset folder that cannot be trained on; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Photo:
+    path: str
+    mask: str | None  # its face mask file, where there is one
+
+
+@dataclass
+class Draw:
+    target: Photo
+    references: list[Photo]
+    flip_last: bool  # add a mirrored copy of the last reference
+
+
+class FaceDataset:
+    def __init__(self, root: str):
+        self.root = root
+        if not os.path.isdir(root):
+            raise DatasetError(f"The dataset folder {root!r} does not exist. Give a folder with one sub-folder per "
+                               "person (two or more face photos each), e.g. under ComfyUI's input folder.")
+        self.people: list[list[Photo]] = []
+        self.names: list[str] = []
+        self.too_few: list[str] = []  # people with one photo: nothing to be the target's reference
+        for name in sorted(os.listdir(root)):
+            folder = os.path.join(root, name)
+            if not os.path.isdir(folder) or name.startswith("."):
+                continue
+            files = sorted(os.listdir(folder))
+            photos = [Photo(os.path.join(folder, f), self._mask_of(folder, f, files)) for f in files
+                      if f.lower().endswith(PHOTO_SUFFIXES) and not f.lower().endswith(MASK_SUFFIX)]
+            if len(photos) >= 2:
+                self.people.append(photos)
+                self.names.append(name)
+            else:
+                self.too_few.append(name)
+        if len(self.people) < 2:
+            raise DatasetError(
+                f"The dataset folder {root!r} has {len(self.people)} person folder(s) with two or more photos "
+                f"({len(self.too_few)} with fewer). The encoder learns what tells people apart: give a folder with one "
+                "sub-folder per person, each with 2 or more photos (.png, .jpg, .webp); the paper used 1,963 people.")
+
+    @staticmethod
+    def _mask_of(folder: str, file: str, files: list[str]) -> str | None:
+        mask = os.path.splitext(file)[0] + MASK_SUFFIX
+        return os.path.join(folder, mask) if mask in files else None
+
+    @property
+    def photo_count(self) -> int:
+        return sum(map(len, self.people))
+
+    def draw(self, generator: torch.Generator) -> Draw:
+        """A person, their target photo and 1-5 other photos of them (order free), from `generator` only."""
+        person = self.people[int(torch.randint(len(self.people), (1,), generator=generator))]
+        order = torch.randperm(len(person), generator=generator).tolist()
+        count = int(torch.randint(1, min(MAX_REFERENCES, len(person) - 1) + 1, (1,), generator=generator))
+        flip = bool(torch.rand(1, generator=generator) < FLIPPED_REFERENCE_CHANCE)
+        return Draw(person[order[0]], [person[i] for i in order[1:1 + count]], flip)
+
+    def digest(self) -> str:
+        """Which files the dataset holds (names and sizes): a continued run on a changed dataset is told apart."""
+        digest = hashlib.sha256()
+        for person in self.people:
+            for photo in person:
+                for path in filter(None, (photo.path, photo.mask)):
+                    digest.update(f"{os.path.relpath(path, self.root)}:{os.path.getsize(path)}".encode())
+        return digest.hexdigest()[:32]
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """'left, top, right, bottom' as fractions of the photo (0-1)."""
+    try:
+        box = tuple(float(part) for part in text.replace(";", ",").split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4 or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+        raise DatasetError(f"The face box {text!r} is not 'left, top, right, bottom' as fractions of the photo with "
+                           "left < right and top < bottom, e.g. '0.125, 0.137, 0.859, 0.871' (the aligned face box).")
+    return box
+
+
+def box_mask(box: tuple[float, float, float, float], size: int) -> torch.Tensor:
+    """(size, size): 1 inside the box (fractions of the square photo)."""
+    left, top, right, bottom = (round(v * size) for v in box)
+    mask = torch.zeros(size, size)
+    mask[top:max(bottom, top + 1), left:max(right, left + 1)] = 1
+    return mask
+
+
+def read_photo(path: str, size: int) -> torch.Tensor:
+    """(3, size, size) in [0, 1]: the photo's centre square, resized."""
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image).convert("RGB")
+    except (OSError, ValueError) as error:
+        raise DatasetError(f"{path} could not be read as an image ({error}). Remove or replace it.") from None
+    square = ImageOps.fit(image, (size, size), Image.Resampling.LANCZOS)
+    return torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def read_mask(path: str, size: int) -> torch.Tensor:
+    """(size, size) in {0, 1}: the mask's centre square (white = face); refused where it covers nothing."""
+    try:
+        with Image.open(path) as image:
+            mask = ImageOps.fit(ImageOps.exif_transpose(image).convert("L"), (size, size), Image.Resampling.NEAREST)
+    except (OSError, ValueError) as error:
+        raise DatasetError(f"{path} could not be read as a mask image ({error}). Remove or replace it.") from None
+    mask = torch.from_numpy((np.asarray(mask) > 127).astype(np.float32))
+    if not bool(mask.any()):
+        raise DatasetError(f"The face mask {path} is black in its photo's centre square: nothing to inpaint. Paint the "
+                           "face white, or delete the mask to use the face box.")
+    return mask

@@ -1,0 +1,125 @@
+"""PVA's networks as files: the identity encoder (`.safetensors`, versioned metadata, validated on load like the
+identities) and a face recognizer's state dict (whichever iresnet it is, found from its blocks).
+
+An encoder trained by the pack (format 2) also carries what its training taught the UNet side: every cross-attention
+layer's visual projections and the learned word. Per-identity fine-tunes start from them (the paper's pipeline); an
+encoder without them (format 1) starts them from the layers' own projections and the trigger's embedding.
+
+Both are read without unpickling: the nodes read a recognizer's `.pth` through the host's weights-only loader."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..files import read_safetensors, save_atomically
+from .encoder import VISUAL_TOKENS, IdentityEncoder
+from .attention import VisualProjections
+from .face import IResNet, depth_of
+from .identity import projection_tensors, projections_from
+
+ENCODER_FORMAT = "pva-encoder"
+ENCODER_VERSION = 2  # 2: optional visual projections and learned word
+
+
+class PVAModelFileError(ValueError):
+    """A PVA encoder or face-recognizer file that cannot be used; the message says why and what to do."""
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    """A short hash of a network's weights: which encoder made an identity, recorded in the identity's metadata."""
+    digest = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def encoder_shape(encoder: IdentityEncoder) -> dict[str, int]:
+    return {"context_dim": encoder.project.out_features, "layers": len(encoder.transformer.layers),
+            "heads": encoder.transformer.layers[0].self_attn.num_heads, "tokens": encoder.queries.shape[0]}
+
+
+@dataclass
+class PVAEncoder:
+    """An identity encoder as a file holds it (and as the nodes pass it on)."""
+
+    network: IdentityEncoder  # fp32, eval mode, on the CPU
+    recognizer: str  # the face features it was trained on, e.g. "iresnet r50 (backbone.pth)"
+    projections: dict[str, VisualProjections] = field(default_factory=dict)  # empty: none trained with it
+    word: torch.Tensor | None = None  # the learned word's embedding, where trained with it
+    settings: dict = field(default_factory=dict)
+    hash: str = ""  # of the network's weights: recorded in the identities it makes
+
+    def __post_init__(self):
+        self.hash = self.hash or weights_hash(self.network)
+
+
+def save_encoder(encoder: IdentityEncoder, path: str, recognizer: str, settings: dict | None = None,
+                 projections: dict[str, VisualProjections] | None = None, word: torch.Tensor | None = None) -> str:
+    """Atomically; `recognizer` names the face features it reads (e.g. "iresnet r50"), settings how it was trained;
+    projections and word: what its training trained beside it."""
+    shape = encoder_shape(encoder)
+    metadata = {"sefi.format": ENCODER_FORMAT, "sefi.format_version": str(ENCODER_VERSION), "pva.recognizer": recognizer,
+                **{f"pva.{k}": str(v) for k, v in shape.items()}, "pva.settings": json.dumps(settings or {}, sort_keys=True)}
+    tensors = {f"encoder.{k}": v.float() for k, v in encoder.state_dict().items()}
+    tensors.update(projection_tensors(projections or {}))
+    if word is not None:
+        tensors["pva.word"] = word.float()
+    return save_atomically(tensors, metadata, path)
+
+
+def load_encoder(path: str) -> PVAEncoder:
+    """The encoder in eval mode, with what was trained beside it."""
+    name = os.path.basename(path)
+    advice = "Copy the encoder file again, or train it again with PVA's encoder training."
+    meta, tensors = read_safetensors(path, PVAModelFileError, advice)
+    if meta.get("sefi.format") != ENCODER_FORMAT:
+        raise PVAModelFileError(f"{name} is not a PVA identity encoder (its format is {meta.get('sefi.format')!r}). "
+                                "Put PVA encoders in models/pva_encoders; PVA identities go in models/pva_identities.")
+    try:
+        version = int(meta["sefi.format_version"])
+        if version > ENCODER_VERSION:
+            raise PVAModelFileError(f"{name} has format version {version}; this pack reads up to {ENCODER_VERSION}. "
+                                    "Update the node pack.")
+        shape = {k: int(meta[f"pva.{k}"]) for k in ("context_dim", "layers", "heads", "tokens")}
+        encoder = IdentityEncoder(shape["context_dim"], shape["layers"], shape["heads"], tokens=shape["tokens"])
+        weights = tensors if version == 1 else {k[len("encoder."):]: v for k, v in tensors.items()
+                                                if k.startswith("encoder.")}
+        encoder.load_state_dict(weights, strict=True)
+        projections = projections_from(tensors) if version > 1 else {}
+        word = tensors.get("pva.word")
+        if word is not None and word.shape != (shape["context_dim"],):
+            raise ValueError(f"its learned word has shape {tuple(word.shape)}")
+        settings = json.loads(meta.get("pva.settings", "{}"))
+    except PVAModelFileError:
+        raise
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise PVAModelFileError(f"{name} is damaged or not an encoder this pack made ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0]}). {advice}") from None
+    if not all(torch.isfinite(t).all() for t in tensors.values()):
+        raise PVAModelFileError(f"{name} holds NaN or infinite weights. {advice}")
+    return PVAEncoder(encoder.eval(), meta.get("pva.recognizer", ""), projections, word, settings)
+
+
+def recognizer_from_state_dict(state: dict[str, torch.Tensor], name: str) -> IResNet:
+    """An ArcFace iresnet (r18/r34/r50/r100) with this state dict, in eval mode, fp32. InsightFace's arcface_torch
+    `backbone.pth` files are such state dicts; a `module.` prefix (saved from DataParallel) is dropped."""
+    state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    try:
+        net = IResNet(depth_of(state))
+        net.load_state_dict(state, strict=True)
+    except (ValueError, RuntimeError) as e:
+        raise PVAModelFileError(
+            f"{name} is not an ArcFace iresnet state dict ({str(e).splitlines()[0]}). PVA reads InsightFace's "
+            "arcface_torch backbones (e.g. ms1mv3_arcface_r50_fp16/backbone.pth) or a .safetensors of one.") from None
+    if not all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()):
+        raise PVAModelFileError(f"{name} holds NaN or infinite weights; download it again.")
+    return net.float().eval()
+
+
+__all__ = ["PVAEncoder", "PVAModelFileError", "VISUAL_TOKENS", "encoder_shape", "load_encoder", "recognizer_from_state_dict",
+           "save_encoder", "weights_hash"]

@@ -1,0 +1,321 @@
+"""PVA's trainings (../shared/notes/pva.md), host-free: the per-identity fine-tune (paper §3.3), and below it the
+encoder training on a dataset of many people (paper §3.2), which shares its loss and its trainable identity.
+
+With the encoder and the face recognizer frozen, the 10 visual tokens of the person's photos are computed once (from
+all of them: the tokens the identity file stores and Apply uses). Each step one photo is the target, in turn: its
+latent noised at two stratified timesteps (one UNet batch), the inpainting model given the photo with its face masked
+out, the prompt "photo of a S* person"; the loss is the plain denoising MSE. AdamW trains the visual projections of
+every cross-attention layer (lr 2e-5) and an offset added to the learned word's embedding (lr 1e-3); nothing else.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..stages import NUM_TRAIN_TIMESTEPS
+from ..train import check_continuation, loss_scaler, optimizer_moments, raise_first_failed, restore_optimizer
+from ..train_state import TrainState
+from .attention import VisualProjections
+from .face import face_crop
+
+PROMPT = "photo of a {} person"  # the paper's; {} is the learned word S*
+
+
+def shared_checks(word_learning_rate: float, weight_decay: float, resolution: int) -> list[tuple[bool, str]]:
+    """The settings checks both PVA trainings make."""
+    return [
+        (math.isfinite(word_learning_rate) and word_learning_rate >= 0,
+         f"the word's learning rate must be 0 or more (got {word_learning_rate}); the paper uses 1e-3"),
+        (math.isfinite(weight_decay) and weight_decay >= 0, f"weight decay must be 0 or more (got {weight_decay})"),
+        (resolution >= 64 and resolution % 64 == 0,
+         f"resolution must be a multiple of 64, at least 64 (got {resolution}); SD1.5 inpainting is made for 512"),
+    ]
+
+
+@dataclass(frozen=True)
+class FineTuneSettings:
+    steps: int = 40
+    timesteps: int = 2  # per step, stratified, in one UNet batch: 80 UNet passes at the defaults
+    projection_learning_rate: float = 2e-5
+    word_learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    seed: int = 0
+    resolution: int = 512
+
+    def __post_init__(self):
+        checks = [
+            (isinstance(self.steps, int) and self.steps >= 1, f"steps must be at least 1 (got {self.steps}); the "
+                                                               "paper uses 40"),
+            (isinstance(self.timesteps, int) and 1 <= self.timesteps <= 16,
+             f"timesteps per step must be 1-16 (got {self.timesteps}); the paper uses 2"),
+            (math.isfinite(self.projection_learning_rate) and self.projection_learning_rate > 0,
+             f"the projections' learning rate must be above 0 (got {self.projection_learning_rate}); the paper uses 2e-5"),
+            *shared_checks(self.word_learning_rate, self.weight_decay, self.resolution),
+        ]
+        raise_first_failed(checks)
+
+    def as_metadata(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class InpaintSample:
+    """One photo as the inpainting model sees it: its latent (1, 4, h, w) and the extra input channels (1, c, h, w):
+    the face mask and the latent of the photo with the face masked out."""
+
+    latent: torch.Tensor
+    concat: torch.Tensor
+
+
+class TrainableIdentity:
+    """What the fine-tune trains: fp32 leaf copies of every layer's visual projections on `device`, and an offset on
+    the learned word's initial embedding. Hand `projections` to the UNet patch: the same tensors are trained."""
+
+    def __init__(self, projections: dict[str, VisualProjections], word: torch.Tensor, device):
+        leaf = lambda t: t.detach().to(device, torch.float32).clone().requires_grad_(True)
+        self.projections = {name: VisualProjections(*(leaf(t) for t in p.tensors())) for name, p in projections.items()}
+        self.word_base = word.detach().to(device, torch.float32).clone()
+        self.word_offset = torch.zeros_like(self.word_base, requires_grad=True)
+
+    def word(self) -> torch.Tensor:
+        return self.word_base + self.word_offset
+
+    def projection_tensors(self) -> list[torch.Tensor]:
+        return [t for p in self.projections.values() for t in p.tensors()]
+
+    def frozen_copy(self) -> tuple[dict[str, VisualProjections], torch.Tensor]:
+        """(projections, word) detached on the CPU: what the identity file keeps."""
+        cpu = lambda t: t.detach().to("cpu", torch.float32).clone()
+        return ({name: VisualProjections(*(cpu(t) for t in p.tensors())) for name, p in self.projections.items()},
+                cpu(self.word()))
+
+
+@dataclass
+class FineTuneResult:
+    projections: dict[str, VisualProjections]
+    word: torch.Tensor
+    losses: list[float]
+
+
+Denoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def stratified_timesteps(count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` timesteps, one drawn uniformly in each of `count` equal slices of [0, 1000)."""
+    offsets = torch.rand(count, generator=generator)
+    return ((torch.arange(count) + offsets) * (NUM_TRAIN_TIMESTEPS / count)).long().clamp(max=NUM_TRAIN_TIMESTEPS - 1)
+
+
+def denoising_loss(sample: InpaintSample, identity: TrainableIdentity, denoise: Denoise, count: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """MSE between the noise and the model's prediction of it, at `count` stratified timesteps of one photo."""
+    timesteps = stratified_timesteps(count, generator)
+    noise = torch.randn((count, *sample.latent.shape[1:]), generator=generator).to(sample.latent)
+    batch = lambda t: t.expand(count, *t.shape[1:])
+    eps = denoise(batch(sample.latent), noise, timesteps, batch(sample.concat), identity.word())
+    return F.mse_loss(eps.float(), noise.float())
+
+
+def fine_tune(settings: FineTuneSettings, identity: TrainableIdentity, samples: list[InpaintSample], denoise: Denoise,
+              on_step: Callable[[int, list[float]], None] = lambda step, losses: None,
+              compute_dtype: torch.dtype = torch.float32) -> FineTuneResult:
+    """denoise(latents, noise, timesteps, concat, word) -> eps, differentiable in the word and in the projections of
+    `identity` (which the caller's UNet patch uses). fp16 compute gets loss scaling, as SeFi training does."""
+    if not samples:
+        raise ValueError("the fine-tune needs at least one photo")
+    generator = torch.Generator().manual_seed(settings.seed)
+    device = identity.word_base.device
+    optimizer = torch.optim.AdamW(
+        [{"params": identity.projection_tensors(), "lr": settings.projection_learning_rate},
+         {"params": [identity.word_offset], "lr": settings.word_learning_rate}],
+        weight_decay=settings.weight_decay, fused=device.type == "cuda")
+    scaler = loss_scaler(device, compute_dtype)
+    losses = []
+    for step in range(settings.steps):
+        loss = denoising_loss(samples[step % len(samples)], identity, denoise, settings.timesteps, generator)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(float(loss.detach()))  # 40 steps: one read-back each costs nothing next to the UNet passes
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"The fine-tune's loss became {losses[-1]} at step {step + 1}. Lower the learning "
+                                     "rates (or use bf16 / fp32); nothing was saved.")
+        on_step(step, losses)
+    projections, word = identity.frozen_copy()
+    return FineTuneResult(projections, word, losses)
+
+
+# Encoder training (paper §3.2). Each sample: one person's target photo with its face masked out, and 1-5 of their
+# other photos as references; the recognizer's features of the references through the encoder are the visual tokens
+# the patched UNet attends to, and the loss is the same denoising MSE as the fine-tune's (4 stratified timesteps).
+# Stage 1 trains the encoder, every layer's visual projections and the learned word; stage 2 also the recognizer
+# (kept in eval mode, as the authors keep it: its batch-norm statistics stay the pretrained ones).
+# One optimiser step averages `batch_size x accumulation` samples (the paper: 2 x 4), here one sample per UNet batch.
+
+
+@dataclass(frozen=True)
+class EncoderTrainingSettings:
+    stage: int = 1
+    steps: int = 1000  # optimiser steps; the paper runs up to 50k per stage
+    batch_size: int = 2
+    accumulation: int = 4
+    timesteps: int = 4  # per sample, stratified, in one UNet batch
+    encoder_learning_rate: float = 3.2e-5
+    projection_learning_rate: float = 8e-6  # the paper's 1e-6 x the total batch (2 x 4)
+    word_learning_rate: float = 1e-3
+    recognizer_learning_rate: float = 8e-6  # stage 2; the authors' optimiser gives it the attention weights' rate
+    weight_decay: float = 0.01
+    seed: int = 0
+    resolution: int = 512
+
+    def __post_init__(self):
+        rates = {"encoder's": self.encoder_learning_rate, "projections'": self.projection_learning_rate,
+                 "recognizer's": self.recognizer_learning_rate}
+        raise_first_failed([
+            (self.stage in (1, 2), f"stage must be 1 or 2 (got {self.stage}): 1 trains the encoder, the visual "
+                                   "projections and the word; 2 also the face recognizer"),
+            (isinstance(self.steps, int) and self.steps >= 1, f"steps must be at least 1 (got {self.steps})"),
+            (self.batch_size >= 1 and self.accumulation >= 1,
+             f"batch size and accumulation must be at least 1 (got {self.batch_size} and {self.accumulation}); the "
+             "paper uses 2 and 4"),
+            (1 <= self.timesteps <= 16, f"timesteps per sample must be 1-16 (got {self.timesteps}); the paper uses 4"),
+            *((math.isfinite(rate) and rate > 0, f"the {whose} learning rate must be above 0 (got {rate})")
+              for whose, rate in rates.items()),
+            *shared_checks(self.word_learning_rate, self.weight_decay, self.resolution),
+        ])
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.batch_size * self.accumulation
+
+    def as_metadata(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EncoderSample:
+    target: InpaintSample
+    references: torch.Tensor  # (N, 3, H, W) square face photos in [0, 1], on the training device
+
+
+EncoderDenoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                          torch.Tensor]  # Denoise with the visual tokens (10, width) last
+
+
+class EncoderTrainables:
+    """What a stage trains, fp32 on the training device: the encoder (train mode: its dropout acts), the visual
+    projections and the word (a TrainableIdentity, handed to the UNet patch), and in stage 2 the recognizer."""
+
+    def __init__(self, encoder: torch.nn.Module, recognizer: torch.nn.Module, identity: TrainableIdentity, stage: int):
+        device = identity.word_base.device
+        self.encoder = encoder.to(device, torch.float32).train()
+        self.recognizer = recognizer.to(device, torch.float32).eval()
+        self.identity, self.stage = identity, stage
+        self.encoder.requires_grad_(True)
+        trained = [name for name, p in self.recognizer.named_parameters() if p.requires_grad]  # not ArcFace's fixed ones
+        self.recognizer.requires_grad_(False)
+        if stage == 2:
+            for name, p in self.recognizer.named_parameters():
+                p.requires_grad_(name in trained)
+
+    def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """Everything the optimiser moves, in its order (the training state's moments follow it)."""
+        named = [(f"encoder.{n}", p) for n, p in self.encoder.named_parameters()]
+        named += [(f"projections.{layer}.{kind}", t) for layer, p in self.identity.projections.items()
+                  for kind, t in zip(("to_q", "to_k", "to_v"), p.tensors())]
+        named.append(("word_offset", self.identity.word_offset))
+        named += [(f"recognizer.{n}", p) for n, p in self.recognizer.named_parameters() if p.requires_grad]
+        return named
+
+    def parameter_groups(self, settings: EncoderTrainingSettings) -> list[dict]:
+        groups = [{"params": list(self.encoder.parameters()), "lr": settings.encoder_learning_rate},
+                  {"params": self.identity.projection_tensors(), "lr": settings.projection_learning_rate},
+                  {"params": [self.identity.word_offset], "lr": settings.word_learning_rate}]
+        if self.stage == 2:
+            groups.append({"params": [p for p in self.recognizer.parameters() if p.requires_grad],
+                           "lr": settings.recognizer_learning_rate})
+        return groups
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """CPU copies of the trained weights and the word's base: what a training state keeps."""
+        out = {name: p.detach().cpu().clone() for name, p in self.named_parameters()}
+        out["word_base"] = self.identity.word_base.detach().cpu().clone()
+        return out
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        expected = {name for name, _ in self.named_parameters()} | {"word_base"}
+        if set(weights) != expected:
+            raise ValueError(f"the training state holds other weights ({len(weights)}) than stage {self.stage} with "
+                             f"this encoder and model trains ({len(expected)})")
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.copy_(weights[name])
+            self.identity.word_base.copy_(weights["word_base"])
+
+    def tokens(self, references: torch.Tensor) -> torch.Tensor:
+        """(10, width): the visual tokens of these reference photos; differentiable in what the stage trains."""
+        with torch.set_grad_enabled(self.stage == 2):
+            features = self.recognizer(face_crop(references))
+        return self.encoder(features.unsqueeze(0))[0]
+
+
+@dataclass
+class EncoderTrainingResult:
+    losses: list[float]  # one per optimiser step, the mean over its samples
+    state: TrainState
+
+
+def train_encoder(settings: EncoderTrainingSettings, trainables: EncoderTrainables,
+                  draw: Callable[[torch.Generator], EncoderSample], denoise: EncoderDenoise,
+                  on_step: Callable[[int, list[float]], None] = lambda step, losses: None,
+                  on_save: Callable[[TrainState], None] = lambda state: None, save_every: int = 0,
+                  resume: TrainState | None = None, compute_dtype: torch.dtype = torch.float32) -> EncoderTrainingResult:
+    """AdamW over `settings.steps` steps of `samples_per_step` samples each, drawn by draw(generator). The state
+    goes to on_save every `save_every` steps and at the end; from a saved state a run ends exactly where one
+    uninterrupted run ends (the dropout is seeded from the run's generator, step by step)."""
+    device = trainables.identity.word_base.device
+    named = trainables.named_parameters()
+    optimizer = torch.optim.AdamW(trainables.parameter_groups(settings), weight_decay=settings.weight_decay,
+                                  fused=device.type == "cuda")
+    scaler = loss_scaler(device, compute_dtype)
+    generator = torch.Generator().manual_seed(settings.seed)
+    first, losses = 0, []
+    if resume is not None:
+        check_continuation(resume, settings.as_metadata(), settings.steps)
+        trainables.load_weights(resume.weights)
+        first, losses = restore_optimizer(resume, optimizer, scaler, generator)
+
+    def state(steps_done: int) -> TrainState:
+        return TrainState(steps_done, {**settings.as_metadata(), "steps": steps_done}, trainables.weights(),
+                          optimizer_moments(optimizer, [p for _, p in named]), generator.get_state(),
+                          scaler.state_dict(), list(losses))
+
+    # The encoder's dropout draws from the default generators: seeded from the run's own at each step, a continued
+    # run draws what one long run draws; forked, so that the process's generators are as they were afterwards.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for step in range(first, settings.steps):
+            torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+            optimizer.zero_grad(set_to_none=True)
+            total = torch.zeros((), device=device)
+            for _ in range(settings.samples_per_step):
+                sample = draw(generator)
+                tokens = trainables.tokens(sample.references)
+                loss = denoising_loss(sample.target, trainables.identity,
+                                      lambda *args: denoise(*args, tokens), settings.timesteps, generator)
+                scaler.scale(loss / settings.samples_per_step).backward()
+                total += loss.detach() / settings.samples_per_step
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(float(total))
+            if not math.isfinite(losses[-1]):
+                raise FloatingPointError(f"The encoder training's loss became {losses[-1]} at step {step + 1}. Lower "
+                                         "the learning rates (or use bf16 / fp32); the last save is kept.")
+            on_step(step, losses)
+            if step + 1 == settings.steps or (save_every and (step + 1) % save_every == 0):
+                on_save(state(step + 1))
+    return EncoderTrainingResult(losses, state(settings.steps))

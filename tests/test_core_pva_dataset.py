@@ -1,0 +1,83 @@
+"""The folder PVA's encoder trains on (sefi_core/pva/dataset.py), host-free: who is in it, what a draw holds, the
+face region where a photo has no mask, and refusals that say what to change."""
+import collections
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sefi_core.pva.dataset import (ALIGNED_FACE_BOX, DatasetError, FaceDataset, box_mask, parse_box, read_mask,
+                                   read_photo)
+
+
+def write_photo(path, value, size=(40, 30)):
+    Image.fromarray(np.full((size[1], size[0], 3), value, np.uint8)).save(path)
+
+
+@pytest.fixture
+def dataset_dir(tmp_path):
+    for person, count in (("ann", 3), ("bob", 7), ("cid", 1)):
+        (tmp_path / person).mkdir()
+        for k in range(count):
+            write_photo(tmp_path / person / f"{k}.png", 10 * k + 1)
+    mask = np.zeros((30, 40), np.uint8)
+    mask[5:20, 10:30] = 255
+    Image.fromarray(mask).save(tmp_path / "ann" / "0.mask.png")
+    (tmp_path / "notes.txt").write_text("not a person")
+    return tmp_path
+
+
+def test_people_are_sub_folders_with_two_photos_or_more_and_masks_sit_beside_their_photos(dataset_dir):
+    dataset = FaceDataset(str(dataset_dir))
+    assert dataset.names == ["ann", "bob"] and dataset.too_few == ["cid"] and dataset.photo_count == 10
+    ann = {p.path.rsplit("/", 1)[1]: p.mask for p in dataset.people[0]}
+    assert set(ann) == {"0.png", "1.png", "2.png"} and ann["0.png"].endswith("0.mask.png") and ann["1.png"] is None
+    assert dataset.digest() == FaceDataset(str(dataset_dir)).digest()
+    write_photo(dataset_dir / "bob" / "7.png", 0)
+    assert dataset.digest() != FaceDataset(str(dataset_dir)).digest()
+
+
+def test_a_draw_is_one_persons_target_and_one_to_five_of_their_other_photos(dataset_dir):
+    dataset = FaceDataset(str(dataset_dir))
+    g = torch.Generator().manual_seed(0)
+    counts, flips = collections.Counter(), 0
+    for _ in range(2000):
+        drawn = dataset.draw(g)
+        folder = drawn.target.path.rsplit("/", 2)[1]
+        assert all(p.path.rsplit("/", 2)[1] == folder for p in drawn.references)
+        assert drawn.target not in drawn.references and len(set(drawn.references)) == len(drawn.references)
+        counts[(folder, len(drawn.references))] += 1
+        flips += drawn.flip_last
+    assert {n for f, n in counts if f == "ann"} == {1, 2} and {n for f, n in counts if f == "bob"} == {1, 2, 3, 4, 5}
+    assert 0.17 < flips / 2000 < 0.23  # the authors' 20%
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert [dataset.draw(g1).target for _ in range(20)] == [dataset.draw(g2).target for _ in range(20)]
+
+
+def test_folders_that_cannot_be_trained_on_are_refused_with_what_to_do(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        FaceDataset(str(tmp_path / "missing"))
+    (tmp_path / "solo").mkdir()
+    for k in range(3):
+        write_photo(tmp_path / "solo" / f"{k}.jpg", k)
+    with pytest.raises(DatasetError, match="1 person folder.*one sub-folder per person"):
+        FaceDataset(str(tmp_path))
+
+
+def test_photos_and_masks_are_read_as_centre_squares_and_boxes_are_fractions(dataset_dir):
+    photo = read_photo(str(dataset_dir / "bob" / "2.png"), 16)
+    assert photo.shape == (3, 16, 16) and torch.allclose(photo, torch.full_like(photo, 21 / 255))
+    mask = read_mask(str(dataset_dir / "ann" / "0.mask.png"), 30)  # the centre 30x30 of a 40x30 mask: columns 5-35
+    expected = torch.zeros(30, 30)
+    expected[5:20, 5:25] = 1
+    assert torch.equal(mask, expected)
+    Image.fromarray(np.zeros((30, 40), np.uint8)).save(dataset_dir / "black.png")
+    with pytest.raises(DatasetError, match="nothing to inpaint"):
+        read_mask(str(dataset_dir / "black.png"), 30)
+    assert torch.equal(box_mask((0.25, 0.5, 0.75, 1.0), 8)[4:, 2:6], torch.ones(4, 4))
+    assert box_mask((0.25, 0.5, 0.75, 1.0), 8).sum() == 16
+    assert parse_box("0.125, 0.137, 0.859, 0.871") == pytest.approx(ALIGNED_FACE_BOX, abs=1e-3)
+    for bad in ("0.5, 0.5, 0.4, 0.9", "1, 2", "a, b, c, d", "0, 0, 1.5, 1"):
+        with pytest.raises(DatasetError, match="left, top, right, bottom"):
+            parse_box(bad)

@@ -1,0 +1,204 @@
+"""PVA Train Encoder through the real host, on a tiny SD1.5-inpainting checkpoint with random weights and a small
+folder of people: it saves an encoder (with the visual attention and the word it trained) that PVA Fine-tune Identity
+starts from; a run resumed from its last save ends bit for bit where one long run ends; stage 2 tunes a copy of the
+face recognizer and saves it for fine-tunes; a cancel keeps the last save; the host's model and the loaded recognizer
+are left as they were; gradients in fp16/bf16 point where fp32's do; bad inputs are refused by name before any work."""
+import pytest
+import torch
+from PIL import Image
+
+from test_pva_fine_tune import PHOTO_SIZE, fine_tune_graph, pack_module, pva_files  # noqa: F401 (a fixture)
+
+FAST = {"batch_size": 1, "accumulation": 1, "timesteps_per_sample": 2, "resolution": PHOTO_SIZE}
+
+
+@pytest.fixture(scope="module")
+def dataset(host, pva_files):  # noqa: F811
+    """input/pva_dataset: three people of three photos each (crops of the test photos), one with a face mask."""
+    root = host.input_dir / "pva_dataset"
+    for person, source in (("astronaut", "astronaut.png"), ("cat", "chelsea.png"), ("both", "astronaut.png")):
+        (root / person).mkdir(parents=True, exist_ok=True)
+        image = Image.open(host.input_dir / source).convert("RGB")
+        for k in range(3):
+            crop = image.crop((40 * k, 10 * k, 40 * k + 250, 10 * k + 250)).resize((PHOTO_SIZE, PHOTO_SIZE))
+            (crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if person == "both" else crop).save(root / person / f"{k}.png")
+    mask = Image.new("L", (PHOTO_SIZE, PHOTO_SIZE))
+    mask.paste(255, (16, 16, 48, 56))
+    mask.save(root / "cat" / "0.mask.png")
+    return root
+
+
+def train_graph(name, steps=2, stage="1: encoder, visual attention, word", encoder=None, **extra):
+    inputs = {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "face_recognizer": ["2", 0],
+              "dataset_folder": "pva_dataset", "name": name, "stage": stage, "steps": steps, **FAST,
+              "encoder_learning_rate": 1e-3, "projection_learning_rate": 1e-3, "word_learning_rate": 1e-3,
+              "recognizer_learning_rate": 1e-3, "seed": 0, "face_region": "aligned face box",
+              "custom_box": "0.125, 0.137, 0.859, 0.871", "save_every": 1, "resume": True, **extra}
+    graph = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_inpaint.safetensors"}},
+             "2": {"class_type": "PVALoadFaceRecognizer", "inputs": {"recognizer_file": "r18.safetensors"}},
+             "5": {"class_type": "PVATrainEncoder", "inputs": inputs}}
+    if encoder:
+        graph["3"] = {"class_type": "PVALoadEncoder", "inputs": {"encoder_file": encoder}}
+        inputs["pva_encoder"] = ["3", 0]
+    return graph
+
+
+def load(host, name):
+    return pack_module(host, "sefi_core.pva.model_files").load_encoder(str(host.pva_encoder_dir / name))
+
+
+def state(host, name):
+    return pack_module(host, "sefi_core.train_state").load_train_state(
+        str(host.train_state_dir / f"pva_encoder-{name}"))
+
+
+def same_encoders(a, b) -> bool:
+    tensors = lambda e: [*e.network.state_dict().values(), e.word, *(t for p in e.projections.values()
+                                                                     for t in p.tensors())]
+    return all(torch.equal(x, y) for x, y in zip(tensors(a), tensors(b)))
+
+
+def test_an_encoder_resumed_from_its_last_save_ends_exactly_where_one_long_run_ends(host_clean, dataset):
+    host = host_clean
+    assert host.run(train_graph("long", steps=4)).success
+    assert host.run(train_graph("halves", steps=2)).success
+    assert state(host, "halves.safetensors").steps_done == 2
+    result = host.run(train_graph("halves", steps=4))
+    assert result.success, result.error
+    long, halves = load(host, "long.safetensors"), load(host, "halves.safetensors")
+    assert same_encoders(long, halves) and halves.settings["steps"] == 4
+    assert state(host, "halves.safetensors").losses == state(host, "long.safetensors").losses
+    assert long.settings["people"] == 3 and long.settings["photos"] == 9 and long.recognizer == "iresnet r18 (r18.safetensors)"
+    assert any("resuming halves.safetensors at step 2 of 4" in text for _, text in host.server.progress_texts())
+    # what it trained beside the encoder: every layer's projections and the word
+    model, clip, _ = host.load_checkpoint("tiny_inpaint.safetensors")
+    layers = pack_module(host, "nodes.pva_patch").cross_attention_layers(model)
+    assert set(long.projections) == set(layers)
+    assert all(not torch.allclose(long.projections[n].to_k, layers[n].to_k.weight.float(), atol=1e-3) for n in layers)
+    import comfy_probe as probe
+    assert not torch.allclose(long.word, probe.embedding(clip, "sks"))
+    already = host.run(train_graph("long", steps=4))
+    assert not already.success and "already trained for 4 steps" in already.error["exception_message"]
+
+
+def test_a_fine_tune_starts_from_what_the_encoder_trained(host_clean, dataset):
+    host = host_clean
+    assert host.run(train_graph("for_fine_tune", steps=2)).success
+    graph = fine_tune_graph(steps=1, name="from_trained", recognizer="r18.safetensors")
+    graph["3"]["inputs"]["encoder_file"] = "for_fine_tune.safetensors"
+    result = host.run(graph)
+    assert result.success, result.error
+    encoder = load(host, "for_fine_tune.safetensors")
+    identity = pack_module(host, "sefi_core.pva.identity").load_pva_identity(
+        str(host.pva_identity_dir / "from_trained.safetensors"))
+    assert identity.encoder == encoder.hash
+    for name, projections in encoder.projections.items():  # one step at lr 2e-5 from the encoder's (fp16 storage)
+        assert torch.allclose(identity.projections[name].to_k, projections.to_k, atol=1e-4)
+    assert torch.allclose(identity.word, encoder.word, atol=2e-3)  # one step at lr 1e-3
+
+
+def test_stage_two_tunes_a_copy_of_the_recognizer_and_leaves_the_hosts_model_as_it_was(host_clean, dataset):
+    host = host_clean
+    assert host.run(train_graph("stage_one", steps=1)).success
+    nodes = pack_module(host, "nodes.pva_train_encoder")
+    loaders = pack_module(host, "nodes.pva_nodes")
+    with torch.inference_mode():
+        recognizer = loaders.PVALoadFaceRecognizer.execute(recognizer_file="r18.safetensors").result[0]
+        start = loaders.PVALoadEncoder.execute(encoder_file="stage_one.safetensors").result[0]
+    model, clip, vae = host.load_checkpoint("tiny_inpaint.safetensors")
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    recognizer_before = {k: v.clone() for k, v in recognizer.network.state_dict().items()}
+    inputs = {k: v for k, v in train_graph("stage_two", steps=1)["5"]["inputs"].items() if not isinstance(v, list)}
+    inputs.update(stage="2: also the face recognizer", model=model, clip=clip, vae=vae, face_recognizer=recognizer,
+                  pva_encoder=start)
+    with torch.inference_mode():
+        encoder = nodes.PVATrainEncoder.execute(**inputs).result[0]
+    assert all(torch.equal(v, before[k]) for k, v in model.model.state_dict().items())
+    assert all(torch.equal(v, recognizer_before[k]) for k, v in recognizer.network.state_dict().items())
+    assert encoder.recognizer == "iresnet r18 (stage_two_recognizer.safetensors)"
+    with torch.inference_mode():
+        tuned = loaders.PVALoadFaceRecognizer.execute(recognizer_file="stage_two_recognizer.safetensors").result[0]
+    changed = {k for k, v in tuned.network.state_dict().items() if not torch.equal(v, recognizer_before[k])}
+    trained = {k for k, p in recognizer.network.named_parameters() if p.requires_grad}
+    assert changed == trained  # the weights it trains; batch-norm statistics stay the pretrained ones
+    assert load(host, "stage_two.safetensors").recognizer == encoder.recognizer
+
+
+def test_a_cancelled_training_keeps_its_last_save_and_resumes_from_it(host_clean, dataset):
+    host = host_clean
+    host.interrupt_at_tick(3)
+    result = host.run(train_graph("cancelled", steps=50))
+    assert result.interrupted and not result.success
+    kept = state(host, "cancelled.safetensors").steps_done
+    assert 1 <= kept < 50 and load(host, "cancelled.safetensors").settings["steps"] == kept
+    assert not list(host.pva_encoder_dir.glob(".sefi-*")) and not list(host.train_state_dir.glob(".sefi-*"))
+    assert host.run(train_graph("cancelled", steps=kept + 1)).success
+    assert state(host, "cancelled.safetensors").steps_done == kept + 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"stage": "2: also the face recognizer"}, "Stage 2 goes on from a stage-1 encoder"),
+    ({"dataset_folder": "no_such_folder"}, "does not exist"),
+    ({"dataset_folder": "pva_dataset/cat"}, "person folder"),
+    ({"face_region": "custom box", "custom_box": "0.9, 0.1, 0.2, 0.8"}, "left < right"),
+    ({"name": "../escape"}, "path separator"),
+])
+def test_bad_inputs_are_refused_by_name_before_any_work(host_clean, dataset, extra, message):
+    result = host_clean.run(train_graph(**{"name": "refused", "steps": 500, **extra}))
+    assert not result.success and message in result.error["exception_message"]
+    assert not host_clean.progress and not (host_clean.pva_encoder_dir / "refused.safetensors").exists()
+
+
+def test_an_existing_encoder_is_not_replaced_by_a_new_run(host_clean, dataset):
+    host = host_clean
+    assert host.run(train_graph("existing", steps=1)).success
+    result = host.run(train_graph("existing", steps=3, resume=False))
+    assert not result.success and "already exists; switch 'resume' on" in result.error["exception_message"]
+    assert state(host, "existing.safetensors").steps_done == 1
+
+
+@pytest.mark.parametrize("setup_name", ["FP16_SDPA", "BF16_SDPA"])
+def test_encoder_gradients_in_half_precision_point_where_fp32s_do(host_clean, dataset, setup_name):
+    """The encoder's tokens reach the fp16/bf16 UNet through the patch's cast and come back in fp32."""
+    from sefi_testkit import gpu_emulation as gpu
+
+    def gradients(setup):
+        fine_tune, train = pack_module(host_clean, "nodes.pva_fine_tune"), pack_module(host_clean, "nodes.training")
+        core, loaders = pack_module(host_clean, "sefi_core.pva.train"), pack_module(host_clean, "nodes.pva_nodes")
+        dataset_module = pack_module(host_clean, "sefi_core.pva.dataset")
+        scaler_of = pack_module(host_clean, "sefi_core.train").loss_scaler
+        with torch.inference_mode():
+            recognizer = loaders.PVALoadFaceRecognizer.execute(recognizer_file="r18.safetensors").result[0]
+        torch.manual_seed(0)
+        encoder = pack_module(host_clean, "sefi_core.pva.encoder").IdentityEncoder(768, layers=1, heads=8, dropout=0)
+        with gpu.emulate(setup):
+            model, clip, vae = host_clean.load_checkpoint("tiny_inpaint.safetensors")
+            tuner = fine_tune.PVAFineTuner(model, clip, "sks", torch.zeros(10, 768))
+            with torch.inference_mode(), train.frozen(tuner.model.model, tuner.clip.cond_stage_model), \
+                    torch.inference_mode(False), torch.enable_grad():
+                try:
+                    tuner.load()
+                    photo = dataset_module.read_photo(str(dataset / "cat" / "0.png"), PHOTO_SIZE)
+                    sample = tuner.samples([(photo, torch.ones(PHOTO_SIZE, PHOTO_SIZE))], vae)[0]
+                    refs = torch.stack([dataset_module.read_photo(str(dataset / "cat" / f"{k}.png"), 256)
+                                        for k in (1, 2)])
+                    trainables = core.EncoderTrainables(encoder, recognizer.network, tuner.identity, 1)
+                    tokens = trainables.tokens(refs.to(tuner.device))
+                    noise = torch.randn((2, 4, PHOTO_SIZE // 8, PHOTO_SIZE // 8),
+                                        generator=torch.Generator().manual_seed(3)).to(tuner.device)
+                    eps = tuner.denoise(sample.latent.expand(2, -1, -1, -1), noise, torch.tensor([300, 700]),
+                                        sample.concat.expand(2, -1, -1, -1), tuner.identity.word(), tokens)
+                    loss = torch.nn.functional.mse_loss(eps.float(), noise.float())
+                    scaler = scaler_of(tuner.device, tuner.dtype)
+                    grads = torch.autograd.grad(scaler.scale(loss), list(encoder.parameters()))
+                    return torch.cat([g.flatten() for g in grads]).double() / scaler.get_scale(), tuner.dtype
+                finally:
+                    tuner.release()
+
+    reference, _ = gradients(gpu.CPU_FP32)
+    half, dtype = gradients(getattr(gpu, setup_name))
+    assert dtype == getattr(gpu, setup_name).compute and torch.isfinite(half).all() and half.norm() > 0
+    cosine = float(torch.nn.functional.cosine_similarity(reference, half, dim=0))
+    assert cosine >= 0.99, f"{setup_name}: the encoder's gradient differs from fp32's (cosine {cosine:.4f})"
+    assert abs(float(half.norm() / reference.norm()) - 1) <= 0.05
+
