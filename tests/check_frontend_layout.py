@@ -147,6 +147,11 @@ def frontend_version(page) -> str:
     return version or metadata.version("comfyui_frontend_package")
 
 
+MODEL_FOLDERS = {"CheckpointLoaderSimple": "checkpoints", "SefiLoadIdentity": "sefi_identities",
+                 "PVALoadIdentity": "pva_identities", "PVALoadEncoder": "pva_encoders",
+                 "PVALoadFaceRecognizer": "face_recognizers"}  # each loader's file, under models/
+
+
 def prepare(work: Path, workflows: dict) -> None:
     """The files the workflows name, so that their pickers hold them (placeholders: nothing here runs)."""
     from sefi_testkit.frontend import prepare_user_settings
@@ -155,10 +160,8 @@ def prepare(work: Path, workflows: dict) -> None:
     for workflow in workflows.values():
         for node in workflow["nodes"]:
             values = node.get("widgets_values") or []
-            if node["type"] == "CheckpointLoaderSimple":
-                target = work / "models" / "checkpoints" / values[0]
-            elif node["type"] == "SefiLoadIdentity":
-                target = work / "models" / "sefi_identities" / values[0]
+            if node["type"] in MODEL_FOLDERS:
+                target = work / "models" / MODEL_FOLDERS[node["type"]] / values[0]
             elif node["type"] == "LoadImage":
                 target = work / "input" / values[0]
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +176,7 @@ def prepare(work: Path, workflows: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shots", type=Path, default=Path("/tmp/frontend_shots"),
-                        help="folder for a screenshot of workflow 1 and the visibility mask (default /tmp/frontend_shots)")
+                        help="folder for a screenshot of each workflow and the visibility mask (default /tmp/frontend_shots)")
     parser.add_argument("--json", type=Path, help="also write the measurements there")
     args = parser.parse_args()
 
@@ -242,10 +245,9 @@ def main() -> int:
                                          "view": drawn["view"], "saved_view": saved, "enlarged": enlarged,
                                          "margins": margins, "popups": drawn["popups"]}
             report.update(canvas=drawn["canvas"], pixels=drawn["pixels"], dpr=drawn["dpr"], title=drawn["title"])
-            if name.startswith("1_"):
-                shot = args.shots / f"{version}_{name}.png"
-                frontend.screenshot(shot)
-                print(f"    screenshot {shot}")
+            shot = args.shots / f"{version}_{name}.png"
+            frontend.screenshot(shot)
+            print(f"    screenshot {shot}")
         report["min_size"] = {k: [int(np.ceil(v[0])), int(np.ceil(v[1]))] for k, v in sorted(min_sizes.items())}
         print(f"  canvas element {report['canvas']} (device pixels {report['pixels']}, ratio {report['dpr']}), "
               f"title bar {report['title']} px")

@@ -3,10 +3,13 @@ screenshots and the help pages' pictures (web/docs/img/). It starts the real ser
 random-weight checkpoint and the sample photos, runs workflows 1 and 5 there (small sizes) and photographs the
 canvas. Needs Debian's chromium and `pip install playwright`; run after changing a node or a workflow:
 
-    COMFYUI_PATH=/path/to/ComfyUI python tests/make_pictures.py
+    COMFYUI_PATH=/path/to/ComfyUI python tests/make_pictures.py [--only 6_pva_face_inpainting ...]
+
+--only takes the pictures of the named workflows alone (a new workflow's thumbnail without re-running the others).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -89,6 +92,11 @@ def main() -> None:
     from sefi_testkit.frontend import Frontend, prepare_user_settings
     from sefi_testkit.server import ComfyServer
 
+    from check_frontend_layout import prepare
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", metavar="WORKFLOW", help="workflow names (without .json) to photograph")
+    args = parser.parse_args()
     comfy_path = find_comfyui()
     if comfy_path is None:
         sys.exit("Set COMFYUI_PATH to a ComfyUI checkout (see README).")
@@ -99,7 +107,11 @@ def main() -> None:
     for image in (ROOT / "tests" / "data").glob("*.png"):
         shutil.copy(image, work / "input" / image.name)
     IMAGES.mkdir(parents=True, exist_ok=True)
-    workflows = {p.stem: json.loads(p.read_text()) for p in sorted((ROOT / "workflows").glob("*.json"))}
+    workflows = {p.stem: json.loads(p.read_text()) for p in sorted((ROOT / "workflows").glob("*.json"))
+                 if not args.only or p.stem in args.only}
+    if args.only and set(args.only) - set(workflows):
+        sys.exit(f"no such workflow: {sorted(set(args.only) - set(workflows))}; choose from workflows/*.json")
+    prepare(work, workflows)  # the files they name, as placeholders: the pickers show them and no error covers a picture
 
     with ComfyServer(comfy_path, ROOT, work) as server, Frontend(server) as frontend:
         for name, workflow in workflows.items():
@@ -117,6 +129,8 @@ def main() -> None:
                     node_picture(frontend, node_id_of(workflow, node_type), IMAGES / file)
             if name == "2_saved_identity_prompts":
                 node_picture(frontend, node_id_of(workflow, "SefiLoadIdentity"), IMAGES / "load_node.png")
+            if name == "6_pva_face_inpainting":
+                save_jpeg(shots / f"{name}.png", IMAGES / "pva_workflow.jpg", (1440, 810))
             if name == "5_attention_preview":
                 with_identity = node_id_of(workflow, "SefiAttentionMapPreview", "With the identity")
                 node_picture(frontend, with_identity, IMAGES / "preview_node.png", scale=1.0)

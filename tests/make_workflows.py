@@ -166,6 +166,95 @@ def workflows(Node, Note) -> dict[str, list]:
         decode(22, (1380, 760), (21, 0), (1, 2, [(340, top), (1356, top)])),
         save(23, (1580, 760), (22, 0), "sefi_preview", size=(260, 240)),
     ]
+    out["6_pva_face_inpainting"] = pva_face_inpainting(Node, Note, decode, save, negative, positive)
+    out["7_sefi_vs_pva"] = sefi_vs_pva(Node, Note)
+    return out
+
+
+INPAINT_CKPT = {"ckpt_name": "sd-v1-5-inpainting.safetensors"}
+PVA_FILES = {"recognizer_file": "arcface_r100.pth", "encoder_file": "my_pva_encoder.safetensors"}
+PVA_PROMPT = "photo of a sks person"  # the paper's prompt with the learned word
+PVA_APPLY = {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "on_negative": True}
+
+
+def inpaint_conditioning(Node, i, pos, positive, negative, vae, photo, width=320):
+    """ComfyUI's own InpaintModelConditioning: the inpainting model's mask and masked-photo latent."""
+    return Node(i, "InpaintModelConditioning", pos, {"noise_mask": True},
+                {"positive": positive, "negative": negative, "vae": vae, "pixels": (photo, 0), "mask": (photo, 1)},
+                size=(width, 150))
+
+
+def pva_face_inpainting(Node, Note, decode, save, negative, positive) -> list:
+    top = ROW - 45
+    return [
+        Note(100, (0, 0), "Needs, in models/: face_recognizers/arcface_r100.pth (an ArcFace iresnet backbone, e.g. "
+             "InsightFace's), pva_encoders/my_pva_encoder.safetensors (no pretrained PVA encoder exists publicly: train "
+             "one with PVA Train Encoder on photos of many people, see the README) and the SD1.5 inpainting checkpoint "
+             "in checkpoints/.", size=(860, 100)),
+        Note(101, (900, 0), "1. PVA Fine-tune Identity: 1-5 photos of the person (aligned face crops, a batch or Load "
+             "Image (from Folder)); 40 steps, about a minute on a GPU; saves models/pva_identities/my_pva_identity."
+             "\n2. Paint the face on the photo to repaint (right-click > Open in MaskEditor); PVA Apply and ComfyUI's "
+             "InpaintModelConditioning repaint it as that person: prompt 'photo of a sks person'.", size=(860, 100)),
+        Node(1, "CheckpointLoaderSimple", (0, ROW), INPAINT_CKPT, size=(320, 100)),
+        Node(2, "PVALoadFaceRecognizer", (0, 310), {"recognizer_file": PVA_FILES["recognizer_file"]}, size=(320, 80)),
+        Node(3, "PVALoadEncoder", (0, 440), {"encoder_file": PVA_FILES["encoder_file"]}, size=(320, 80)),
+        Node(4, "LoadImage", (0, 570), {"image": "example.png"}, size=(320, 360), title="Photos of the person"),
+        Node(5, "PVAFineTuneIdentity", (360, ROW), {"name": "my_pva_identity", "trigger": "sks"},
+             {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "image": (4, 0), "face_recognizer": (2, 0),
+              "pva_encoder": (3, 0)}, size=(270, 620)),
+        Node(6, "PVAApply", (670, ROW), PVA_APPLY, {"model": (1, 0), "clip": (1, 1), "pva_identity": (5, 0)},
+             size=(250, 180)),
+        Node(7, "LoadImage", (670, 400), {"image": "example.png"}, size=(250, 360), title="Photo (paint the face mask)"),
+        positive(10, (960, ROW), (6, 1), PVA_PROMPT, width=240),
+        negative(11, (960, 330), (6, 1), width=240),
+        inpaint_conditioning(Node, 12, (1240, ROW), (10, 0), (11, 0), (1, 2, [(340, top), (1216, top)]), 7, width=240),
+        Node(13, "KSampler", (1520, ROW), SAMPLER, {"model": (6, 0), "positive": (12, 0), "negative": (12, 1),
+                                                    "latent_image": (12, 2)}, size=(240, 262)),
+        decode(14, (1800, ROW), (13, 0), (1, 2, [(340, top), (1776, top)])),
+        save(15, (1990, ROW), (14, 0), "pva_inpaint", size=(210, 300)),
+    ]
+
+
+def sefi_vs_pva(Node, Note) -> list:
+    """One masked photo, one seed: SeFi's identity (top row) and PVA's (bottom row) on the SD1.5 inpainting model."""
+    top, rows = ROW - 45, (ROW, ROW + 340)
+    out = [
+        Note(100, (0, 0), "Needs my_identity.safetensors in models/sefi_identities (make it with workflow "
+             "1_train_and_generate, one photo) and my_pva_identity.safetensors in models/pva_identities (workflow "
+             "6_pva_face_inpainting, 1-5 photos) of the same person, and the SD1.5 inpainting checkpoint. Paint the "
+             "face on the photo (right-click > Open in MaskEditor).", size=(860, 100)),
+        Note(101, (900, 0), "The same photo, mask and seed, repainted twice through ComfyUI's own "
+             "InpaintModelConditioning. Top: SeFi, ten learned tokens in the text's keys and values (prompt 'a photo "
+             "of sks'). Bottom: PVA, the encoder's visual tokens in a parallel attention beside the text (prompt "
+             "'photo of a sks person').", size=(860, 100)),
+        Node(1, "CheckpointLoaderSimple", (0, ROW), INPAINT_CKPT, size=(300, 100)),
+        Node(2, "LoadImage", (0, 310), {"image": "example.png"}, size=(300, 360), title="Photo (paint the face mask)"),
+        Node(3, "SefiLoadIdentity", (350, rows[0]), {"identity_file": "my_identity.safetensors"}, size=(240, 80)),
+        Node(4, "PVALoadIdentity", (350, rows[1]), {"pva_identity_file": "my_pva_identity.safetensors"},
+             size=(240, 80)),
+        Node(5, "SefiApplyStageTokens", (630, rows[0]), APPLY, {"model": (1, 0), "clip": (1, 1), "identity": (3, 0)},
+             size=(240, 180)),
+        Node(6, "PVAApply", (630, rows[1]), PVA_APPLY, {"model": (1, 0), "clip": (1, 1), "pva_identity": (4, 0)},
+             size=(240, 180)),
+    ]
+    for k, (y, applied, text, prefix) in enumerate(zip(rows, (5, 6), ("a photo of sks", PVA_PROMPT),
+                                                       ("sefi_inpaint", "pva_inpaint"))):
+        i = 10 + 10 * k
+        out += [
+            Node(i, "CLIPTextEncode", (910, y), {"text": text}, {"clip": (applied, 1)}, size=(260, 100),
+                 title="SeFi prompt" if k == 0 else "PVA prompt"),
+            Node(i + 1, "CLIPTextEncode", (910, y + 150), {"text": NEGATIVE}, {"clip": (applied, 1)},
+                 size=(260, 100), title="Negative prompt"),
+            inpaint_conditioning(Node, i + 2, (1210, y), (i, 0), (i + 1, 0), (1, 2, [(320, top), (1190, top)]), 2,
+                                 width=240),
+            Node(i + 3, "KSampler", (1490, y), SAMPLER, {"model": (applied, 0), "positive": (i + 2, 0),
+                                                         "negative": (i + 2, 1), "latent_image": (i + 2, 2)},
+                 size=(240, 262)),
+            Node(i + 4, "VAEDecode", (1770, y), {}, {"samples": (i + 3, 0), "vae": (1, 2, [(320, top), (1750, top)])},
+                 size=(150, 50)),
+            Node(i + 5, "SaveImage", (1960, y), {"filename_prefix": prefix}, {"images": (i + 4, 0)}, size=(240, 290),
+                 title="SeFi" if k == 0 else "PVA"),
+        ]
     return out
 
 

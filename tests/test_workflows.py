@@ -12,22 +12,30 @@ from PIL import Image
 
 from sefi_core.identity import Identity, save_identity
 from sefi_testkit.workflow_format import VIRTUAL_NODES, combo_errors, link_type_errors, to_api
+from test_pva_fine_tune import pva_files  # noqa: F401 (a fixture: a random recognizer and encoder)
+from test_pva_nodes import write_pva_identity
 
 WORKFLOWS = sorted((Path(__file__).resolve().parent.parent / "workflows").glob("*.json"))
-USER_FILES = {"ckpt_name": "tiny.safetensors", "image": "astronaut.png"}  # the user's own files, picked in the UI
+# The user's own files, picked in the UI, and the suite's stand-ins (the random recognizer and encoder of pva_files).
+USER_FILES = {"ckpt_name": "tiny.safetensors", "image": "astronaut.png", "recognizer_file": "r18.safetensors",
+              "encoder_file": "random.safetensors"}
+# Which workflow or node makes each file a workflow loads, as its first Note must say.
+MADE_BY = {"SefiLoadIdentity": "workflow 1_train_and_generate", "PVALoadIdentity": "workflow 6_pva_face_inpainting",
+           "PVALoadEncoder": "PVA Train Encoder", "PVALoadFaceRecognizer": "face_recognizers"}
 
 
 def load(path):
     return json.loads(path.read_text())
 
 
-def test_all_five_workflows_ship():
+def test_all_seven_workflows_ship():
     assert [p.stem for p in WORKFLOWS] == ["1_train_and_generate", "2_saved_identity_prompts", "3_two_identities",
-                                          "4_face_inpainting", "5_attention_preview"]
+                                          "4_face_inpainting", "5_attention_preview", "6_pva_face_inpainting",
+                                          "7_sefi_vs_pva"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_loads_against_the_host_registry(host, path):
+def test_workflow_loads_against_the_host_registry(host, path, pva_files):
     workflow, registry = load(path), host.nodes.NODE_CLASS_MAPPINGS
     types = {n["type"] for n in workflow["nodes"]}
     assert types - VIRTUAL_NODES <= set(registry), f"unknown node types {types - VIRTUAL_NODES - set(registry)}"
@@ -37,6 +45,7 @@ def test_workflow_loads_against_the_host_registry(host, path):
     prompt = small(to_api(workflow, registry))
     make_identities(host)
     host.checkpoint("tiny")
+    host.checkpoint("tiny_inpaint")
     ok, error, _, node_errors = asyncio.run(host.execution.validate_prompt(str(uuid.uuid4()), prompt, None))
     assert ok, (error, node_errors)
 
@@ -47,12 +56,14 @@ def small(prompt, mask_image=None):
         inputs = node["inputs"]
         for name, value in USER_FILES.items():
             if name in inputs and isinstance(inputs[name], str):
-                inputs[name] = mask_image if name == "image" and mask_image else value
+                inpainting = name == "ckpt_name" and "inpainting" in inputs[name]
+                inputs[name] = (mask_image if name == "image" and mask_image else
+                                "tiny_inpaint.safetensors" if inpainting else value)
         if node["class_type"] == "EmptyLatentImage":
             inputs.update(width=64, height=64)
         if node["class_type"] == "KSampler":
             inputs.update(steps=2)
-        if node["class_type"] == "SefiTrainIdentity":
+        if node["class_type"] in ("SefiTrainIdentity", "PVAFineTuneIdentity"):
             inputs.update(steps=2, resolution=64, overwrite=True)
         if node["class_type"] == "SefiAttentionMapPreview":
             inputs.update(layers="all layers")  # the tiny model has no 1/2-latent layers
@@ -66,18 +77,21 @@ def make_identities(host):
         if not path.exists():
             save_identity(Identity(torch.randn(5, 768, generator=g) * 0.02, torch.randn(5, 768, generator=g) * 0.02,
                                    trigger), path)
+    if not (host.pva_identity_dir / "my_pva_identity.safetensors").exists():
+        write_pva_identity(host, "my_pva_identity.safetensors")
 
 
 def face_mask_image(host) -> str:
-    """astronaut.png with the face made transparent: LoadImage turns transparency into the mask."""
-    rgba = np.array(Image.open(host.input_dir / "astronaut.png").convert("RGBA"))
-    rgba[60:230, 150:330, 3] = 0
+    """astronaut.png at 128 px (the inpainting graphs sample and decode at the photo's size) with the face made
+    transparent: LoadImage turns transparency into the mask."""
+    rgba = np.array(Image.open(host.input_dir / "astronaut.png").convert("RGBA").resize((128, 128)))
+    rgba[15:58, 37:83, 3] = 0
     Image.fromarray(rgba).save(host.input_dir / "astronaut_face_masked.png")
     return "astronaut_face_masked.png"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_runs_end_to_end(host, path):
+def test_workflow_runs_end_to_end(host, path, pva_files):
     make_identities(host)
     prompt = small(to_api(load(path), host.nodes.NODE_CLASS_MAPPINGS), mask_image=face_mask_image(host))
     result = host.run(prompt)
@@ -105,9 +119,12 @@ def test_workflow_runs_end_to_end(host, path):
 _MIN_SIZE_1_27 = {"CheckpointLoaderSimple": (210, 98), "LoadImage": (215, 326), "SefiTrainIdentity": (228, 498),
                   "SefiApplyStageTokens": (210, 170), "CLIPTextEncode": (211, 88), "EmptyLatentImage": (210, 106),
                   "KSampler": (210, 262), "VAEDecode": (140, 46), "SaveImage": (210, 58), "SefiLoadIdentity": (210, 78),
-                  "VAEEncodeForInpaint": (213, 98), "SefiAttentionMapPreview": (235, 234), "Note": (210, 88)}
+                  "VAEEncodeForInpaint": (213, 98), "SefiAttentionMapPreview": (235, 234), "Note": (210, 88),
+                  "InpaintModelConditioning": (210, 138), "PVALoadFaceRecognizer": (212, 58), "PVALoadEncoder": (210, 58),
+                  "PVAFineTuneIdentity": (233, 394), "PVAApply": (210, 170), "PVALoadIdentity": (210, 78)}
 _MIN_SIZE_1_49 = {**_MIN_SIZE_1_27, "LoadImage": (223, 326), "SefiTrainIdentity": (237, 498), "CLIPTextEncode": (219, 88),
-                  "VAEEncodeForInpaint": (223, 98), "SefiAttentionMapPreview": (245, 234)}
+                  "VAEEncodeForInpaint": (223, 98), "SefiAttentionMapPreview": (245, 234), "PVAFineTuneIdentity": (241, 394),
+                  "PVALoadFaceRecognizer": (219, 58)}
 FRONTENDS = {
     "1.27.10": {"canvas": (64, 78), "visible": (64, 78, 1920, 1080), "covered": [(1596, 1018, 1904, 1064)],
                 "title": 30, "min_size": _MIN_SIZE_1_27},
@@ -174,8 +191,12 @@ def test_workflow_opens_ready_to_read(path, version):
 
 
 @pytest.mark.parametrize("path", WORKFLOWS[1:], ids=lambda p: p.stem)
-def test_workflows_with_saved_identities_say_which_files_and_how_to_make_them(path):
-    notes = sorted((n for n in load(path)["nodes"] if n["type"] == "Note"), key=lambda n: (n["pos"][1], n["pos"][0]))
-    files = {n["widgets_values"][0] for n in load(path)["nodes"] if n["type"] == "SefiLoadIdentity"}
+def test_workflows_with_saved_files_say_which_and_how_to_make_them(path):
+    """The first Note names every file the workflow's loaders pick and what makes it."""
+    nodes = load(path)["nodes"]
+    notes = sorted((n for n in nodes if n["type"] == "Note"), key=lambda n: (n["pos"][1], n["pos"][0]))
+    loaded = {(n["type"], n["widgets_values"][0]) for n in nodes if n["type"] in MADE_BY}
     first = notes[0]["widgets_values"][0]
-    assert all(f in first for f in files) and "workflow 1_train_and_generate" in first
+    assert loaded, "workflows 2-7 load saved files"
+    for node_type, file in loaded:
+        assert file in first and MADE_BY[node_type] in first, (node_type, file)

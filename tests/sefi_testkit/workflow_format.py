@@ -142,7 +142,10 @@ def to_api(workflow: dict, registry) -> dict:
     return prompt
 
 
-def combo_errors(prompt: dict, registry, user_files=("ckpt_name", "image", "identity_file")) -> list[str]:
+USER_FILE_INPUTS = ("ckpt_name", "image", "identity_file", "pva_identity_file", "recognizer_file", "encoder_file")
+
+
+def combo_errors(prompt: dict, registry, user_files=USER_FILE_INPUTS) -> list[str]:
     """Combo values not among their options (the user's own file lists excepted): the server does not check
     these for every node schema, so a shifted widget value can slip through validation."""
     errors = []
