@@ -102,7 +102,7 @@ def perturbed_mapper(mapper_module, class_embedding):
 def skip_512_px_where_fp16_is_slow():
     if gpu.half_precision_is_slow_here():
         pytest.skip(f"this CPU computes fp16 convolutions {gpu.cpu_half_convolution_slowdown():.0f}x slower than fp32 "
-                    "(no AVX-512 FP16/BF16 or AMX): a 512 px fp16 UNet pass would take about an hour. The 64 px cases "
+                    "(no AVX-512 FP16 or AMX-FP16): a 512 px fp16 UNet pass would take about an hour. The 64 px cases "
                     "run here; bench/gpu_check.sh checks fp16 against fp32 at 512 px on CUDA.")
 
 
