@@ -192,7 +192,7 @@ def pva_face_inpainting(Node, Note, decode, save, negative, positive) -> list:
              "one with PVA Train Encoder on photos of many people, see the README) and the SD1.5 inpainting checkpoint "
              "in checkpoints/.", size=(860, 100)),
         Note(101, (900, 0), "1. PVA Fine-tune Identity: 1-5 photos of the person (aligned face crops, a batch or Load "
-             "Image (from Folder)); 40 steps, about a minute on a GPU; saves models/pva_identities/my_pva_identity."
+             "Image (from Folder)); 40 steps (the paper: about a minute on a GPU); saves models/pva_identities/my_pva_identity."
              "\n2. Paint the face on the photo to repaint (right-click > Open in MaskEditor); PVA Apply and ComfyUI's "
              "InpaintModelConditioning repaint it as that person: prompt 'photo of a sks person'.", size=(860, 100)),
         Node(1, "CheckpointLoaderSimple", (0, ROW), INPAINT_CKPT, size=(320, 100)),
