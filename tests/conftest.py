@@ -34,8 +34,18 @@ def _register_sefi_core() -> None:
     spec.loader.exec_module(module)
 
 
+def _share_the_cores() -> None:
+    """Under pytest-xdist (the README's `-n 2`), each worker's torch gets its share of the cores: two workers with
+    torch's default of one thread per core each would contend for every core."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 _drop_repo_root_from_sys_path()
 _register_sefi_core()
+_share_the_cores()
 
 
 class _RepoRootAsPlainDir:
@@ -66,11 +76,20 @@ def running_under_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false")
 
 
+# The longest test files on 2 CPU cores, longest first. Under pytest-xdist (`-n 2 --dist loadfile`) they are handed
+# out first, so that the two workers end together instead of one running the longest file alone at the end.
+LONGEST_FILES = ("test_half_precision.py", "test_train_identity.py", "test_pva_train_encoder.py",
+                 "test_pva_fine_tune.py", "test_workflows.py", "test_training_matches_apply.py")
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests that use the host carry the `host` marker: `-m "not host"` runs only the host-free part."""
     for item in items:
         if {"host", "host_clean"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.host)
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        rank = {name: k for k, name in enumerate(LONGEST_FILES)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))  # stable: file order kept otherwise
 
 
 @pytest.fixture(scope="session")
