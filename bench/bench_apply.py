@@ -9,6 +9,7 @@ for the step ratio is <= 1.03. Absolute times are printed with the device they w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import sys
@@ -39,6 +40,14 @@ def main() -> None:
     parser.add_argument("--preset", default="sd15_size", help="checkpoint preset (sd15_size = real SD1.5 dims)")
     args = parser.parse_args()
 
+    with benchmark_host("sefi-bench-") as host:
+        measure(args, host)
+
+
+@contextlib.contextmanager
+def benchmark_host(prefix: str):
+    """The real host at $COMFYUI_PATH with the pack loaded, in a temporary work folder removed afterwards (its
+    SD1.5-size checkpoints are 2 GB each)."""
     import conftest  # noqa: F401  (registers sefi_core, keeps the repo root off sys.path)
     from sefi_testkit.comfy_env import find_comfyui
     from sefi_testkit.host import Host
@@ -46,11 +55,11 @@ def main() -> None:
     comfy_path = find_comfyui()
     if comfy_path is None:
         sys.exit("Set COMFYUI_PATH to a ComfyUI checkout (see README).")
-    work_dir = tempfile.mkdtemp(prefix="sefi-bench-")
+    work_dir = tempfile.mkdtemp(prefix=prefix)
     try:
-        measure(args, Host(comfy_path, ROOT, work_dir, data_dir=ROOT / "tests" / "data"))
+        yield Host(comfy_path, ROOT, work_dir, data_dir=ROOT / "tests" / "data")
     finally:
-        shutil.rmtree(work_dir, ignore_errors=True)  # the checkpoint is 2 GB
+        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def measure(args, host) -> None:

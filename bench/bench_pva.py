@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import resource
-import shutil
 import statistics
 import sys
-import tempfile
 import types
 from pathlib import Path
 
@@ -43,24 +41,15 @@ def main() -> None:
     parser.add_argument("--part", choices=("sampling", "fine-tune", "encoder", "all"), default="all")
     args = parser.parse_args()
 
-    import conftest  # noqa: F401  (registers sefi_core, keeps the repo root off sys.path)
-    from sefi_testkit.comfy_env import find_comfyui
-    from sefi_testkit.host import Host
+    from bench_apply import benchmark_host
 
-    comfy_path = find_comfyui()
-    if comfy_path is None:
-        sys.exit("Set COMFYUI_PATH to a ComfyUI checkout (see README).")
-    work_dir = tempfile.mkdtemp(prefix="sefi-bench-pva-")
-    try:
-        host = Host(comfy_path, ROOT, work_dir, data_dir=ROOT / "tests" / "data")
+    with benchmark_host("sefi-bench-pva-") as host:
         if args.part in ("sampling", "all"):
             measure(args, host)
         if args.part in ("fine-tune", "all"):
             measure_fine_tune(args, host)
         if args.part in ("encoder", "all"):
             measure_encoder_training(args, host)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)  # the checkpoint is 2 GB
 
 
 def measure(args, host) -> None:
