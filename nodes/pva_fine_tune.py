@@ -22,8 +22,8 @@ from ..sefi_core.augment import as_rgb, center_square
 from ..sefi_core.identity import IdentityError, validate_identity_name, validate_trigger
 from ..sefi_core.plot import loss_curve_image
 from ..sefi_core.pva.attention import VisualProjections
-from ..sefi_core.pva.encoder import MAX_REFERENCES
-from ..sefi_core.pva.face import CROP_COLS, CROP_FROM, CROP_ROWS, face_crop
+from ..sefi_core.pva.encoder import MAX_REFERENCES, IdentityEncoder
+from ..sefi_core.pva.face import CROP_COLS, CROP_FROM, CROP_ROWS
 from ..sefi_core.pva.identity import PVAIdentity, save_pva_identity
 from ..sefi_core.pva.train import PROMPT, FineTuneSettings, InpaintSample, TrainableIdentity, fine_tune
 from .checks import check_sd1_clip, check_sd1_model
@@ -68,9 +68,17 @@ def square_photos(photos: list[torch.Tensor], masks: list[torch.Tensor] | None, 
 def visual_tokens(recognizer, encoder, squares) -> torch.Tensor:
     """(10, context width): the encoder's tokens from the recognizer's features of all the photos (fp32, CPU)."""
     with torch.inference_mode(False), torch.no_grad():
-        faces = face_crop(torch.stack([square for square, _ in squares]))
-        features = recognizer.network(faces).unsqueeze(0)  # (1, photos, 512)
-        return encoder.network(features)[0].detach()
+        features = recognizer.features(torch.stack([square for square, _ in squares]))
+        check_features_fit(encoder.network, features.shape[-1], recognizer.name)
+        return encoder.network(features.cpu().unsqueeze(0))[0].detach()
+
+
+def check_features_fit(encoder: IdentityEncoder, width: int, source: str) -> None:
+    """An encoder reads features of the width it was trained on (ArcFace's 512, a CLIP vision's embedding width)."""
+    if width != encoder.queries.shape[-1]:
+        raise ValueError(f"This PVA encoder reads {encoder.queries.shape[-1]}-d face features; {source} gives "
+                         f"{width}-d ones. "
+                         "Connect the face recognizer (or CLIP vision) the encoder was trained with.")
 
 
 def check_encoder_fits(encoder: PVAEncoder, model) -> None:
@@ -180,8 +188,9 @@ class PVAFineTuneIdentity(io.ComfyNode):
                 io.Image.Input("image", tooltip="1-5 photos of the person: aligned face crops (the face centred and "
                                                 "filling the middle, as in CelebA-HQ), a batch or a list of any sizes. "
                                                 "Each is centre-cropped to a square."),
-                FaceRecognizerType.Input("face_recognizer", tooltip="From PVA Load Face Recognizer: the network the "
-                                                                    "encoder was trained with."),
+                FaceRecognizerType.Input("face_recognizer", tooltip="From PVA Load Face Recognizer (or PVA Face Features "
+                                                                    "from CLIP Vision): what the encoder was trained "
+                                                                    "with."),
                 EncoderType.Input("pva_encoder", tooltip="From PVA Load Encoder."),
                 io.String.Input("name", default="my_pva_identity",
                                 tooltip="File name in models/pva_identities (letters, digits, - and _)."),

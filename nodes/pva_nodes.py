@@ -1,6 +1,6 @@
-"""PVA's nodes: load a face recognizer (models/face_recognizers), an identity encoder (models/pva_encoders) and a PVA
-identity (models/pva_identities), and apply an identity to an (inpainting) MODEL and its CLIP. The fine-tune that makes
-identities is in pva_fine_tune.py.
+"""PVA's nodes: load a face recognizer (models/face_recognizers) or read faces with the host's CLIP vision instead, load
+an identity encoder (models/pva_encoders) and a PVA identity (models/pva_identities), and apply an identity to an
+(inpainting) MODEL and its CLIP. The fine-tune that makes identities is in pva_fine_tune.py.
 
 Apply puts parallel visual attention on every cross-attention layer (nodes/pva_patch.py) and teaches the CLIP the
 identity's learned word as its trigger, through SeFi's own trigger mechanism with one stage whose K and V token are
@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import torch
+
 import comfy.utils
 from comfy_api.latest import io
 
 from ..sefi_core.identity import Identity
-from ..sefi_core.pva.face import IResNet
+from ..sefi_core.pva.face import IResNet, face_crop
 from ..sefi_core.pva.identity import load_pva_identity
 from ..sefi_core.pva.model_files import PVAEncoder, load_encoder, recognizer_from_state_dict
 from .apply_stage_tokens import apply_identity
@@ -33,8 +35,34 @@ EncoderType = io.Custom("PVA_ENCODER")
 
 @dataclass
 class FaceRecognizer:
+    """What a PVA_FACE_RECOGNIZER link carries: ArcFace, whose network stage 2 of encoder training tunes."""
     network: IResNet  # fp32, eval mode, on the CPU
-    name: str  # e.g. "iresnet r50 (backbone.pth)": recorded in the identities it makes
+    name: str  # e.g. "iresnet r50 (backbone.pth)": recorded in the encoders and identities it makes
+
+    def features(self, photos: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) aligned square face photos in [0, 1], on the CPU -> (B, 512) fp32 features."""
+        return self.network(face_crop(photos))
+
+
+@dataclass
+class ClipVisionFeatures:
+    """The host's CLIP_VISION as PVA's feature source: one image embedding per photo, the whole photo as the authors'
+    CLIP branch reads it. Frozen (network None: no stage 2); the host loads and runs it."""
+    clip_vision: object
+    name: str
+    network: None = None
+
+    def features(self, photos: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) square photos in [0, 1] -> (B, embedding width) fp32 features, on the photos' device."""
+        embeds = self.clip_vision.encode_image(photos.movedim(1, -1), crop=True)["image_embeds"]
+        return embeds.to(photos.device, torch.float32)
+
+
+def clip_vision_name(clip_vision) -> str:
+    """e.g. "CLIP vision (303,966,976 weights)": what encoders and identities record of the source, told
+    apart by size (the host keeps no file name with the model)."""
+    weights = sum(t.numel() for t in clip_vision.get_sd().values())
+    return f"CLIP vision ({weights:,} weights)"
 
 
 Encoder = PVAEncoder  # what an EncoderType link carries (sefi_core/pva/model_files.py)
@@ -85,6 +113,32 @@ class PVALoadFaceRecognizer(io.ComfyNode):
                              ".safetensors.") from None
         network = recognizer_from_state_dict(state, recognizer_file)
         return io.NodeOutput(FaceRecognizer(network, f"iresnet {network.depth} ({recognizer_file})"))
+
+
+class PVAClipVisionFeatures(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PVAClipVisionFeatures",
+            display_name="PVA Face Features from CLIP Vision",
+            category="PVA",
+            description="Uses a CLIP vision model (Load CLIP Vision) instead of ArcFace to read a person's photos: one "
+                        "image embedding per photo. Not the paper's setting; an encoder trained on it works only with "
+                        "it. Frozen: encoder training's stage 2 needs ArcFace.",
+            inputs=[io.ClipVision.Input("clip_vision", tooltip="From Load CLIP Vision, e.g. the ViT-L/14 or ViT-H "
+                                                               "models IP-Adapter uses. Encoders read its embedding "
+                                                               "width (768 for ViT-L, 1024 for ViT-H).")],
+            outputs=[FaceRecognizerType.Output(display_name="face_recognizer",
+                                               tooltip="For PVA Train Encoder and PVA Fine-tune Identity, where PVA "
+                                                       "Load Face Recognizer's would go.")],
+        )
+
+    @classmethod
+    def execute(cls, clip_vision) -> io.NodeOutput:
+        if not all(callable(getattr(clip_vision, method, None)) for method in ("encode_image", "get_sd")):
+            raise ValueError("PVA Face Features from CLIP Vision needs a CLIP_VISION (from Load CLIP Vision); it got "
+                             f"a {type(clip_vision).__name__}.")
+        return io.NodeOutput(ClipVisionFeatures(clip_vision, clip_vision_name(clip_vision)))
 
 
 class PVALoadEncoder(io.ComfyNode):

@@ -15,6 +15,7 @@ import os
 
 import torch
 
+import comfy.model_management
 import folder_paths
 from comfy_api.latest import io, ui
 
@@ -24,13 +25,13 @@ from ..sefi_core.plot import loss_curve_image
 from ..sefi_core.pva.dataset import (ALIGNED_FACE_BOX, WHOLE_PHOTO, FaceDataset, box_mask, parse_box, read_mask,
                                      read_photo)
 from ..sefi_core.pva.encoder import IdentityEncoder
-from ..sefi_core.pva.face import CROP_FROM
+from ..sefi_core.pva.face import CROP_FROM, FEATURE_DIM
 from ..sefi_core.pva.model_files import PVAEncoder, save_encoder
 from ..sefi_core.pva.train import EncoderSample, EncoderTrainables, EncoderTrainingSettings, train_encoder
 from ..sefi_core.train_state import TrainStateError, load_train_state, save_train_state
 from .checks import check_sd1_clip
 from .folders import FACE_RECOGNIZER_FOLDER, PVA_ENCODER_FOLDER, identity_save_dir, train_state_path
-from .pva_fine_tune import PVAFineTuner, check_encoder_fits, check_inpainting_model
+from .pva_fine_tune import PVAFineTuner, check_encoder_fits, check_features_fit, check_inpainting_model
 from .pva_nodes import EncoderType, FaceRecognizerType
 from .node_ui import show_text_on_node
 from .train_identity import WrittenFiles, progress_reporter
@@ -59,20 +60,43 @@ def tuned_recognizer_file(encoder_file: str) -> str:
 
 class SampleReader:
     """draw(generator) -> EncoderSample: the dataset's next target photo as the inpainting model sees it (encoded by
-    the host's VAE, its face masked as InpaintModelConditioning masks it) and its references, read from disk."""
+    the host's VAE, its face masked as InpaintModelConditioning masks it) and its references, read from disk, or
+    their features where a frozen source computed them beforehand (`features`: photo path -> (plain, mirrored))."""
 
-    def __init__(self, dataset: FaceDataset, tuner: PVAFineTuner, vae, resolution: int, box):
+    def __init__(self, dataset: FaceDataset, tuner: PVAFineTuner, vae, resolution: int, box, features=None):
         self.dataset, self.tuner, self.vae, self.resolution, self.box = dataset, tuner, vae, resolution, box
+        self.features = features
 
     def __call__(self, generator: torch.Generator) -> EncoderSample:
         drawn = self.dataset.draw(generator)
         photo = read_photo(drawn.target.path, self.resolution)
         mask = read_mask(drawn.target.mask, self.resolution) if drawn.target.mask else box_mask(self.box,
                                                                                                 self.resolution)
+        target = self.tuner.samples([(photo, mask)], self.vae)[0]
+        if self.features is not None:
+            rows = [self.features[p.path][0] for p in drawn.references]
+            rows += [self.features[drawn.references[-1].path][1]] if drawn.flip_last else []
+            return EncoderSample(target, None, torch.stack(rows).to(self.tuner.device))
         references = torch.stack([read_photo(p.path, CROP_FROM) for p in drawn.references])
         if drawn.flip_last:
             references = torch.cat([references, references[-1:].flip(-1)])
-        return EncoderSample(self.tuner.samples([(photo, mask)], self.vae)[0], references.to(self.tuner.device))
+        return EncoderSample(target, references.to(self.tuner.device))
+
+
+def frozen_source_features(dataset: FaceDataset, source, node_id, batch: int = 16) -> dict:
+    """photo path -> (its features, its mirror's), from a frozen source the host runs (CLIP vision), all computed
+    before training: the host then never loads another model beside the training clones mid-run."""
+    paths = [photo.path for person in dataset.people for photo in person]
+    table = {}
+    with torch.inference_mode(False), torch.no_grad():  # plain tensors: the encoder trains on them
+        for start in range(0, len(paths), batch):
+            show_text_on_node(node_id, f"reading faces with {source.name}: {start}/{len(paths)} photos")
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            photos = torch.stack([read_photo(path, CROP_FROM) for path in paths[start:start + batch]])
+            features = source.features(torch.cat([photos, photos.flip(-1)])).cpu()
+            for k, path in enumerate(paths[start:start + batch]):
+                table[path] = (features[k], features[len(photos) + k])
+    return table
 
 
 class PVATrainEncoder(io.ComfyNode):
@@ -93,7 +117,8 @@ class PVATrainEncoder(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="Its CLIP."),
                 io.Vae.Input("vae", tooltip="Its VAE; encodes the photos."),
                 FaceRecognizerType.Input("face_recognizer", tooltip="From PVA Load Face Recognizer (ArcFace r50 is "
-                                                                    "the paper's). Stage 2 tunes a copy of it."),
+                                                                    "the paper's; stage 2 tunes a copy of it), or "
+                                                                    "PVA Face Features from CLIP Vision (stage 1 only)."),
                 io.String.Input("dataset_folder", default="pva_dataset",
                                 tooltip="A folder (under ComfyUI's input folder, or a full path) with one sub-folder "
                                         "per person, 2 or more aligned face photos each. Optional face mask beside a "
@@ -186,14 +211,21 @@ class PVATrainEncoder(io.ComfyNode):
         elif settings.stage == 2 and pva_encoder is None:
             raise ValueError("Stage 2 goes on from a stage-1 encoder: connect PVA Load Encoder with it to "
                              "'pva_encoder' (and the face recognizer stage 1 used), or pick stage 1.")
+        recognizer = face_recognizer.network  # None: a frozen source (CLIP vision), its features computed beforehand
+        if settings.stage == 2 and recognizer is None:
+            raise ValueError(f"Stage 2 tunes the face recognizer; {face_recognizer.name} stays frozen. Connect PVA "
+                             "Load Face Recognizer (ArcFace), or pick stage 1.")
         if pva_encoder is not None:
             check_encoder_fits(pva_encoder, model)
         box = FACE_REGIONS[face_region] or parse_box(custom_box)
         dataset = FaceDataset(dataset_path(dataset_folder))
         cls.announce(dataset, saved, settings, file)
+        node_id = cls.hidden.unique_id if cls.hidden else None
+        features = None if recognizer is not None else frozen_source_features(dataset, face_recognizer, node_id)
+        width = FEATURE_DIM if features is None else next(iter(features.values()))[0].shape[-1]
 
-        network = pva_encoder.network if pva_encoder is not None else new_encoder(model, settings.seed)
-        recognizer = face_recognizer.network
+        network = pva_encoder.network if pva_encoder is not None else new_encoder(model, settings.seed, width)
+        check_features_fit(network, width, face_recognizer.name)
         tuner = PVAFineTuner(model, clip, TRIGGER, torch.zeros(network.queries.shape[0], network.project.out_features),
                              gradient_checkpointing == "on", pva_encoder)
         recognizer_name = (f"iresnet {recognizer.depth} ({tuned_recognizer_file(file)})" if settings.stage == 2
@@ -221,10 +253,10 @@ class PVATrainEncoder(io.ComfyNode):
             return trainables, train_encoder(settings, trainables, draw, tuner.denoise, on_step,
                                              lambda state: save(trainables, state), save_every, saved, tuner.dtype)
 
-        on_step, _ = progress_reporter(settings.steps, cls.hidden.unique_id if cls.hidden else None)
+        on_step, _ = progress_reporter(settings.steps, node_id)
         trainables, result = train_on_clones(tuner, tuner.checkpointing, gradient_checkpointing, settings.resolution,
-                                             NODE, lambda: SampleReader(dataset, tuner, vae, settings.resolution, box),
-                                             train)
+                                             NODE, lambda: SampleReader(dataset, tuner, vae, settings.resolution, box,
+                                                                        features), train)
         log.info("PVA: saved encoder %s after %d steps (loss %.4f)", path, settings.steps, result.losses[-1])
         projections, word = trainables.identity.frozen_copy()
         encoder = PVAEncoder(trainables.encoder.to("cpu").eval(), recognizer_name, projections, word,
@@ -264,9 +296,9 @@ class PVATrainEncoder(io.ComfyNode):
         log.info("PVA: %s", text)
 
 
-def new_encoder(model, seed: int) -> IdentityEncoder:
-    """A freshly initialised encoder for the model's context width, from the run's seed (the process's generator
-    untouched)."""
+def new_encoder(model, seed: int, feature_dim: int = FEATURE_DIM) -> IdentityEncoder:
+    """A freshly initialised encoder for the model's context width and the source's feature width, from the run's seed
+    (the process's generator untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return IdentityEncoder(model.model.model_config.unet_config.get("context_dim"))
+        return IdentityEncoder(model.model.model_config.unet_config.get("context_dim"), feature_dim=feature_dim)

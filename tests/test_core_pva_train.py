@@ -239,3 +239,39 @@ def test_an_encoder_file_of_format_1_still_loads():
             "pva.context_dim": "768", "pva.layers": "1", "pva.heads": "8", "pva.tokens": "10"})
         loaded = load_encoder(path)
     assert loaded.hash == weights_hash(encoder) and loaded.projections == {} and loaded.word is None
+
+
+def test_an_encoder_of_another_feature_width_round_trips_and_an_arcface_one_stays_readable_by_older_packs(tmp_path):
+    from safetensors import safe_open
+    torch.manual_seed(0)
+    clip_width = IdentityEncoder(768, layers=1, heads=8, feature_dim=24).eval()
+    path = save_encoder(clip_width, str(tmp_path / "clip.safetensors"), "CLIP vision (24-d image embedding)")
+    loaded = load_encoder(path)
+    features = torch.randn(1, 2, 24)
+    with torch.no_grad():
+        assert torch.equal(loaded.network(features), clip_width(features))
+    assert loaded.network.queries.shape == (10, 24) and loaded.hash == weights_hash(clip_width)
+    versions = {}
+    for name, encoder in (("clip", clip_width), ("arcface", IdentityEncoder(768, layers=1, heads=8))):
+        with safe_open(save_encoder(encoder, str(tmp_path / f"{name}.safetensors"), name), "pt") as f:
+            versions[name] = f.metadata()["sefi.format_version"]
+    assert versions == {"clip": "3", "arcface": "2"}
+
+
+def test_encoder_training_from_features_computed_beforehand_trains_the_encoder_on_them():
+    """A frozen feature source (the host's CLIP vision) gives each sample its references' features: the tokens are
+    the encoder's of exactly those, and there is no stage 2 without a recognizer to tune."""
+    from sefi_core.pva.train import EncoderSample, EncoderTrainables
+    torch.manual_seed(0)
+    encoder = IdentityEncoder(768, layers=1, heads=8, dropout=0.0, feature_dim=24)
+    identity = TrainableIdentity({}, torch.zeros(768), "cpu")
+    trainables = EncoderTrainables(encoder, None, identity, 1)
+    features = torch.randn(3, 24)
+    sample = EncoderSample(InpaintSample(torch.zeros(1, 4, 8, 8), torch.zeros(1, 5, 8, 8)), None, features)
+    tokens = trainables.tokens(sample)
+    assert torch.equal(tokens, encoder(features[None])[0])
+    grads = torch.autograd.grad(tokens.square().sum(), list(encoder.parameters()), allow_unused=True)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    assert [name for name, _ in trainables.named_parameters() if name.startswith("recognizer")] == []
+    with pytest.raises(ValueError, match="stage 2 tunes the face recognizer"):
+        EncoderTrainables(encoder, None, identity, 2)

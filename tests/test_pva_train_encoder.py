@@ -183,7 +183,7 @@ def test_encoder_gradients_in_half_precision_point_where_fp32s_do(host_clean, da
                     refs = torch.stack([dataset_module.read_photo(str(dataset / "cat" / f"{k}.png"), 256)
                                         for k in (1, 2)])
                     trainables = core.EncoderTrainables(encoder, recognizer.network, tuner.identity, 1)
-                    tokens = trainables.tokens(refs.to(tuner.device))
+                    tokens = trainables.tokens(core.EncoderSample(sample, refs.to(tuner.device)))
                     noise = torch.randn((2, 4, PHOTO_SIZE // 8, PHOTO_SIZE // 8),
                                         generator=torch.Generator().manual_seed(3)).to(tuner.device)
                     eps = tuner.denoise(sample.latent.expand(2, -1, -1, -1), noise, torch.tensor([300, 700]),

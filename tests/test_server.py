@@ -11,8 +11,8 @@ from sefi_testkit.server import ComfyServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NODES = ["SefiTrainIdentity", "SefiLoadIdentity", "SefiApplyStageTokens", "SefiAttentionMapPreview",
-         "PVALoadFaceRecognizer", "PVALoadEncoder", "PVATrainEncoder", "PVAFineTuneIdentity", "PVALoadIdentity",
-         "PVAApply"]
+         "PVALoadFaceRecognizer", "PVAClipVisionFeatures", "PVALoadEncoder", "PVATrainEncoder", "PVAFineTuneIdentity",
+         "PVALoadIdentity", "PVAApply"]
 WORKFLOWS = sorted(p.stem for p in (REPO_ROOT / "workflows").glob("*.json"))
 
 
@@ -48,6 +48,19 @@ def test_each_node_has_a_help_page_where_the_frontend_asks_for_it(server, node_i
     for src in pictures:  # relative to /extensions/<pack>/docs/, as the frontend resolves them
         status, content_type, _ = server.get(f"/extensions/{pack}/docs/{src}")
         assert status == 200 and content_type.startswith("image/"), (src, status, content_type)
+
+
+def test_every_node_of_the_pack_is_listed_here_and_tooltips_every_input(server):
+    pack = pack_name(server, NODES[0])
+    info = server.get_json("/api/object_info")
+    ours = {node_id: node for node_id, node in info.items()
+            if node["python_module"].split(".")[:1] == ["custom_nodes"]
+            and node["python_module"].split(".")[1].split("@")[0] == pack}
+    assert sorted(ours) == sorted(NODES)
+    untold = [f"{node_id}.{name}" for node_id, node in ours.items() for group in ("required", "optional")
+              for name, spec in node["input"].get(group, {}).items()
+              if len(spec) < 2 or not (spec[1] or {}).get("tooltip")]
+    assert not untold, f"inputs without a tooltip: {untold}"
 
 
 def test_workflows_are_templates_with_thumbnails(server):

@@ -18,11 +18,11 @@ import torch
 from ..files import read_safetensors, save_atomically
 from .encoder import VISUAL_TOKENS, IdentityEncoder
 from .attention import VisualProjections
-from .face import IResNet, depth_of
+from .face import FEATURE_DIM, IResNet, depth_of
 from .identity import projection_tensors, projections_from
 
 ENCODER_FORMAT = "pva-encoder"
-ENCODER_VERSION = 2  # 2: optional visual projections and learned word
+ENCODER_VERSION = 3  # 2: optional visual projections and learned word; 3: face features of another width than 512
 
 
 class PVAModelFileError(ValueError):
@@ -40,7 +40,8 @@ def weights_hash(module: torch.nn.Module) -> str:
 
 def encoder_shape(encoder: IdentityEncoder) -> dict[str, int]:
     return {"context_dim": encoder.project.out_features, "layers": len(encoder.transformer.layers),
-            "heads": encoder.transformer.layers[0].self_attn.num_heads, "tokens": encoder.queries.shape[0]}
+            "heads": encoder.transformer.layers[0].self_attn.num_heads, "tokens": encoder.queries.shape[0],
+            "feature_dim": encoder.queries.shape[1]}
 
 
 @dataclass
@@ -63,7 +64,9 @@ def save_encoder(encoder: IdentityEncoder, path: str, recognizer: str, settings:
     """Atomically; `recognizer` names the face features it reads (e.g. "iresnet r50"), settings how it was trained;
     projections and word: what its training trained beside it."""
     shape = encoder_shape(encoder)
-    metadata = {"sefi.format": ENCODER_FORMAT, "sefi.format_version": str(ENCODER_VERSION), "pva.recognizer": recognizer,
+    # ArcFace-width encoders stay version 2, which older packs read; another width needs a pack that knows it
+    version = 2 if shape["feature_dim"] == FEATURE_DIM else ENCODER_VERSION
+    metadata = {"sefi.format": ENCODER_FORMAT, "sefi.format_version": str(version), "pva.recognizer": recognizer,
                 **{f"pva.{k}": str(v) for k, v in shape.items()}, "pva.settings": json.dumps(settings or {}, sort_keys=True)}
     tensors = {f"encoder.{k}": v.float() for k, v in encoder.state_dict().items()}
     tensors.update(projection_tensors(projections or {}))
@@ -86,7 +89,9 @@ def load_encoder(path: str) -> PVAEncoder:
             raise PVAModelFileError(f"{name} has format version {version}; this pack reads up to {ENCODER_VERSION}. "
                                     "Update the node pack.")
         shape = {k: int(meta[f"pva.{k}"]) for k in ("context_dim", "layers", "heads", "tokens")}
-        encoder = IdentityEncoder(shape["context_dim"], shape["layers"], shape["heads"], tokens=shape["tokens"])
+        feature_dim = int(meta.get("pva.feature_dim", FEATURE_DIM))  # versions 1-2: ArcFace's 512
+        encoder = IdentityEncoder(shape["context_dim"], shape["layers"], shape["heads"], tokens=shape["tokens"],
+                                  feature_dim=feature_dim)
         weights = tensors if version == 1 else {k[len("encoder."):]: v for k, v in tensors.items()
                                                 if k.startswith("encoder.")}
         encoder.load_state_dict(weights, strict=True)

@@ -200,7 +200,8 @@ class EncoderTrainingSettings:
 @dataclass
 class EncoderSample:
     target: InpaintSample
-    references: torch.Tensor  # (N, 3, H, W) square face photos in [0, 1], on the training device
+    references: torch.Tensor | None  # (N, 3, H, W) square face photos in [0, 1], on the training device
+    features: torch.Tensor | None = None  # or their (N, D) features, from a frozen source computed beforehand
 
 
 EncoderDenoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
@@ -209,12 +210,17 @@ EncoderDenoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tenso
 
 class EncoderTrainables:
     """What a stage trains, fp32 on the training device: the encoder (train mode: its dropout acts), the visual
-    projections and the word (a TrainableIdentity, handed to the UNet patch), and in stage 2 the recognizer."""
+    projections and the word (a TrainableIdentity, handed to the UNet patch), and in stage 2 the recognizer.
+    Without a recognizer (None) the samples carry their references' features, and there is no stage 2."""
 
-    def __init__(self, encoder: torch.nn.Module, recognizer: torch.nn.Module, identity: TrainableIdentity, stage: int):
+    def __init__(self, encoder: torch.nn.Module, recognizer: torch.nn.Module | None, identity: TrainableIdentity,
+                 stage: int):
+        if recognizer is None and stage == 2:
+            raise ValueError("stage 2 tunes the face recognizer: it needs one (an ArcFace iresnet), not features "
+                             "computed beforehand")
         device = identity.word_base.device
         self.encoder = encoder.to(device, torch.float32).train()
-        self.recognizer = recognizer.to(device, torch.float32).eval()
+        self.recognizer = (recognizer or torch.nn.Identity()).to(device, torch.float32).eval()
         self.identity, self.stage = identity, stage
         self.encoder.requires_grad_(True)
         trained = [name for name, p in self.recognizer.named_parameters() if p.requires_grad]  # not ArcFace's fixed ones
@@ -257,11 +263,13 @@ class EncoderTrainables:
                 p.copy_(weights[name])
             self.identity.word_base.copy_(weights["word_base"])
 
-    def tokens(self, references: torch.Tensor) -> torch.Tensor:
-        """(10, width): the visual tokens of these reference photos; differentiable in what the stage trains."""
-        with torch.set_grad_enabled(self.stage == 2):
-            features = self.recognizer(face_crop(references))
-        return self.encoder(features.unsqueeze(0))[0]
+    def tokens(self, sample: EncoderSample) -> torch.Tensor:
+        """(10, width): the visual tokens of the sample's references; differentiable in what the stage trains."""
+        features = sample.features
+        if features is None:
+            with torch.set_grad_enabled(self.stage == 2):
+                features = self.recognizer(face_crop(sample.references))
+        return self.encoder(features.to(self.identity.word_base.device, torch.float32).unsqueeze(0))[0]
 
 
 @dataclass
@@ -304,7 +312,7 @@ def train_encoder(settings: EncoderTrainingSettings, trainables: EncoderTrainabl
             total = torch.zeros((), device=device)
             for _ in range(settings.samples_per_step):
                 sample = draw(generator)
-                tokens = trainables.tokens(sample.references)
+                tokens = trainables.tokens(sample)
                 loss = denoising_loss(sample.target, trainables.identity,
                                       lambda *args: denoise(*args, tokens), settings.timesteps, generator)
                 scaler.scale(loss / settings.samples_per_step).backward()

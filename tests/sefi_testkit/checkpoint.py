@@ -107,6 +107,25 @@ def controlnet(preset: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.f
     return comfy.controlnet.load_controlnet_state_dict(state)
 
 
+TINY_CLIP_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2,
+                    "patch_size": 16, "image_size": 32, "projection_dim": 24, "num_channels": 3,
+                    "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "model_type": "clip_vision_model"}
+
+
+def clip_vision(folder: str | Path, seed: int = 0):
+    """The host's own ClipVisionModel (what Load CLIP Vision gives) of a tiny ViT layout with random weights: 24-d
+    image embeddings. Built from a config file, which every supported host's constructor takes."""
+    _ensure_comfy()
+    import comfy.clip_vision
+
+    config = Path(folder) / "tiny_clip_vision.json"
+    config.write_text(json.dumps(TINY_CLIP_VISION))
+    model = comfy.clip_vision.ClipVisionModel(str(config))
+    generator = torch.Generator().manual_seed(seed)
+    model.load_sd({name: _random_tensor(name, t.shape, generator, torch.float32) for name, t in model.get_sd().items()})
+    return model
+
+
 def meta_shapes(preset: str) -> dict[str, torch.Size]:
     """Checkpoint key -> shape for the UNet, CLIP text model and TAESD of `preset`."""
     _ensure_comfy()
