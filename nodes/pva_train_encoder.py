@@ -83,6 +83,12 @@ class SampleReader:
         return EncoderSample(target, references.to(self.tuner.device))
 
 
+def feature_width(dataset: FaceDataset, source) -> int:
+    """The width of a source's features, from the dataset's first photo: checked before all photos are read."""
+    with torch.inference_mode(False), torch.no_grad():
+        return source.features(read_photo(dataset.people[0][0].path, CROP_FROM)[None]).shape[-1]
+
+
 def frozen_source_features(dataset: FaceDataset, source, node_id, batch: int = 16) -> dict:
     """photo path -> (its features, its mirror's), from a frozen source the host runs (CLIP vision), all computed
     before training: the host then never loads another model beside the training clones mid-run."""
@@ -221,11 +227,14 @@ class PVATrainEncoder(io.ComfyNode):
         dataset = FaceDataset(dataset_path(dataset_folder))
         cls.announce(dataset, saved, settings, file)
         node_id = cls.hidden.unique_id if cls.hidden else None
-        features = None if recognizer is not None else frozen_source_features(dataset, face_recognizer, node_id)
-        width = FEATURE_DIM if features is None else next(iter(features.values()))[0].shape[-1]
-
+        width = FEATURE_DIM if recognizer is not None else feature_width(dataset, face_recognizer)
         network = pva_encoder.network if pva_encoder is not None else new_encoder(model, settings.seed, width)
         check_features_fit(network, width, face_recognizer.name)
+        if saved is not None and saved.weights["encoder.queries"].shape[-1] != width:
+            raise ValueError(f"{file} was trained on {saved.weights['encoder.queries'].shape[-1]}-d face features; "
+                             f"{face_recognizer.name} gives {width}-d ones. To go on, connect the face recognizer (or "
+                             "CLIP vision) it was trained with.")
+        features = None if recognizer is not None else frozen_source_features(dataset, face_recognizer, node_id)
         tuner = PVAFineTuner(model, clip, TRIGGER, torch.zeros(network.queries.shape[0], network.project.out_features),
                              gradient_checkpointing == "on", pva_encoder)
         recognizer_name = (f"iresnet {recognizer.depth} ({tuned_recognizer_file(file)})" if settings.stage == 2

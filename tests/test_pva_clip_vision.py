@@ -82,7 +82,7 @@ def test_the_features_computed_before_training_are_the_hosts_embeddings_of_each_
 
 
 def test_stage_two_and_an_encoder_of_another_width_are_refused_by_name_before_any_work(
-        host_clean, dataset, pva_files, clip_vision):  # noqa: F811
+        host_clean, dataset, pva_files, clip_vision, monkeypatch):  # noqa: F811
     host = host_clean
     source = features_node(host, clip_vision)
     trainer, loaders = pack_module(host, "nodes.pva_train_encoder"), pack_module(host, "nodes.pva_nodes")
@@ -91,8 +91,11 @@ def test_stage_two_and_an_encoder_of_another_width_are_refused_by_name_before_an
     with torch.inference_mode(), pytest.raises(ValueError, match="Stage 2 tunes the face recognizer; CLIP vision"):
         trainer.PVATrainEncoder.execute(**train_inputs(host, source, "clip_stage_two", pva_encoder=arcface_encoder,
                                                        stage="2: also the face recognizer"))
-    with torch.inference_mode(), pytest.raises(ValueError, match=f"reads 512-d face features; CLIP vision.* gives "
-                                                                 f"{WIDTH}-d ones"):
+    def read_every_photo(*args, **kwargs):
+        raise AssertionError("the whole dataset is read before the refusal")
+    with monkeypatch.context() as patch, torch.inference_mode(), pytest.raises(
+            ValueError, match=f"reads 512-d face features; CLIP vision.* gives {WIDTH}-d ones"):
+        patch.setattr(trainer, "frozen_source_features", read_every_photo)
         trainer.PVATrainEncoder.execute(**train_inputs(host, source, "clip_wrong_width", pva_encoder=arcface_encoder))
     fine_tune = pack_module(host, "nodes.pva_fine_tune")
     model, clip, vae = host.load_checkpoint("tiny_inpaint.safetensors")
@@ -122,3 +125,15 @@ def test_a_half_precision_clip_vision_gives_fp32_features_close_to_fp32s(
             half = features_node(host_clean, half_model).features(photos)
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
     assert torch.nn.functional.cosine_similarity(half, reference).min() > 0.99
+
+
+def test_a_run_resumed_with_a_source_of_another_width_is_refused_by_name(host_clean, dataset, clip_vision):  # noqa: F811
+    host = host_clean
+    assert host.run(train_graph("arcface_run", steps=1)).success
+    trainer = pack_module(host, "nodes.pva_train_encoder")
+    inputs = train_inputs(host, features_node(host, clip_vision), "arcface_run", steps=2)
+    with torch.inference_mode(), pytest.raises(ValueError, match=f"arcface_run.safetensors was trained on 512-d face "
+                                                                 f"features; CLIP vision.* gives {WIDTH}-d ones"):
+        trainer.PVATrainEncoder.execute(**inputs)
+    assert pack_module(host, "sefi_core.train_state").load_train_state(
+        str(host.train_state_dir / "pva_encoder-arcface_run.safetensors")).steps_done == 1
