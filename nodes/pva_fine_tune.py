@@ -140,12 +140,13 @@ class PVAFineTuner(TrainingClones):
             out.append(InpaintSample(latent, conds["c_concat"].cond.float()))
         return out
 
-    def denoise(self, latents, noise, timesteps, concat, word, tokens=None) -> torch.Tensor:
+    def denoise(self, latents, noise, timesteps, concat, word, tokens=None, prompt=None) -> torch.Tensor:
         """eps of the patched UNet; `tokens`: the visual tokens of this call (the encoder training's), else the
-        fixed ones."""
+        fixed ones; `prompt`: this sample's (a caption after the learned word's), else "photo of a sks person"."""
         if tokens is not None:
             self.visual.tokens = tokens
-        context = self.clip.encode_from_tokens({"l": self.with_token(self.prompt, word)}).to(self.device, self.dtype)
+        text = prompt or self.prompt
+        context = self.clip.encode_from_tokens({"l": self.with_token(text, word)}).to(self.device, self.dtype)
         sigma = self.sampling.sigma(timesteps.to(self.device).float())
         x = self.sampling.noise_scaling(sigma, noise, latents)
         options = {"cond_or_uncond": [CONDITIONAL],

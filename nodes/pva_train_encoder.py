@@ -22,8 +22,8 @@ from comfy_api.latest import io, ui
 from ..sefi_core.files import save_atomically
 from ..sefi_core.identity import IdentityError, validate_identity_name
 from ..sefi_core.plot import loss_curve_image
-from ..sefi_core.pva.dataset import (ALIGNED_FACE_BOX, WHOLE_PHOTO, FaceDataset, box_mask, parse_box, read_mask,
-                                     read_photo)
+from ..sefi_core.pva.dataset import (ALIGNED_FACE_BOX, CAPTION_CHANCE, WHOLE_PHOTO, FaceDataset, Photo, box_mask,
+                                     parse_box, read_caption, read_mask, read_photo)
 from ..sefi_core.pva.encoder import IdentityEncoder
 from ..sefi_core.pva.face import CROP_FROM, FEATURE_DIM
 from ..sefi_core.pva.model_files import PVAEncoder, save_encoder
@@ -73,14 +73,22 @@ class SampleReader:
         mask = read_mask(drawn.target.mask, self.resolution) if drawn.target.mask else box_mask(self.box,
                                                                                                 self.resolution)
         target = self.tuner.samples([(photo, mask)], self.vae)[0]
+        prompt = self.prompt(drawn.target, generator)
         if self.features is not None:
             rows = [self.features[p.path][0] for p in drawn.references]
             rows += [self.features[drawn.references[-1].path][1]] if drawn.flip_last else []
-            return EncoderSample(target, None, torch.stack(rows).to(self.tuner.device))
+            return EncoderSample(target, None, torch.stack(rows).to(self.tuner.device), prompt)
         references = torch.stack([read_photo(p.path, CROP_FROM) for p in drawn.references])
         if drawn.flip_last:
             references = torch.cat([references, references[-1:].flip(-1)])
-        return EncoderSample(target, references.to(self.tuner.device))
+        return EncoderSample(target, references.to(self.tuner.device), prompt=prompt)
+
+    def prompt(self, photo: Photo, generator: torch.Generator) -> str | None:
+        """The paper's prompt with the photo's caption after it, half the time where it has one; else None (the
+        prompt alone). The coin is drawn only for captioned photos: runs without captions draw as before."""
+        if photo.caption is None or not bool(torch.rand(1, generator=generator) < CAPTION_CHANCE):
+            return None
+        return f"{self.tuner.prompt}. {read_caption(photo.caption)}"
 
 
 def feature_width(dataset: FaceDataset, source) -> int:
@@ -127,8 +135,9 @@ class PVATrainEncoder(io.ComfyNode):
                                                                     "PVA Face Features from CLIP Vision (stage 1 only)."),
                 io.String.Input("dataset_folder", default="pva_dataset",
                                 tooltip="A folder (under ComfyUI's input folder, or a full path) with one sub-folder "
-                                        "per person, 2 or more aligned face photos each. Optional face mask beside a "
-                                        "photo: photo.mask.png for photo.jpg, white on the face."),
+                                        "per person, 2 or more aligned face photos each. Optional beside a photo: "
+                                        "a face mask photo.mask.png for photo.jpg, white on the face, and a caption "
+                                        "photo.txt (half the samples are prompted with it, as in the paper)."),
                 io.String.Input("name", default="my_pva_encoder",
                                 tooltip="File name in models/pva_encoders (letters, digits, - and _)."),
                 io.Combo.Input("stage", options=list(STAGES), default=next(iter(STAGES)),

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sefi_core.pva.dataset import (ALIGNED_FACE_BOX, DatasetError, FaceDataset, box_mask, parse_box, read_mask,
-                                   read_photo)
+from sefi_core.pva.dataset import (ALIGNED_FACE_BOX, DatasetError, FaceDataset, box_mask, parse_box, read_caption,
+                                   read_mask, read_photo)
 
 
 def write_photo(path, value, size=(40, 30)):
@@ -81,3 +81,19 @@ def test_photos_and_masks_are_read_as_centre_squares_and_boxes_are_fractions(dat
     for bad in ("0.5, 0.5, 0.4, 0.9", "1, 2", "a, b, c, d", "0, 0, 1.5, 1"):
         with pytest.raises(DatasetError, match="left, top, right, bottom"):
             parse_box(bad)
+
+
+def test_captions_sit_beside_their_photos_and_are_read_as_one_line(dataset_dir):
+    before = FaceDataset(str(dataset_dir)).digest()
+    (dataset_dir / "bob" / "2.txt").write_text("She has long\nblond hair  and is smiling.\n", encoding="utf-8")
+    dataset = FaceDataset(str(dataset_dir))
+    bob = {p.path.rsplit("/", 1)[1]: p.caption for p in dataset.people[1]}
+    assert bob["2.png"].endswith("2.txt") and bob["1.png"] is None and len(bob) == 7  # a caption is not a photo
+    assert read_caption(bob["2.png"]) == "She has long blond hair and is smiling."
+    assert dataset.digest() != before  # a continued run can tell that captions came
+    (dataset_dir / "bob" / "3.txt").write_text("  \n")
+    (dataset_dir / "bob" / "4.txt").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(DatasetError, match="3.txt is empty. Write what the photo shows"):
+        read_caption(str(dataset_dir / "bob" / "3.txt"))
+    with pytest.raises(DatasetError, match="4.txt could not be read as a UTF-8 caption"):
+        read_caption(str(dataset_dir / "bob" / "4.txt"))

@@ -125,7 +125,8 @@ def test_a_recognizer_state_dict_is_recognised_by_its_blocks_and_a_foreign_one_r
 LAYER = "input_blocks.1.1.transformer_blocks.0.attn2"
 
 
-def encoder_run(stage=1, steps=3, dropout=0.1, seed=0, resume=None, saves=None):
+def encoder_run(stage=1, steps=3, dropout=0.1, seed=0, resume=None, saves=None, prompts=None):
+    prompts = prompts if prompts is not None else {}
     from sefi_core.pva.train import EncoderSample, EncoderTrainables, EncoderTrainingSettings, train_encoder
     torch.manual_seed(0)
     encoder, recognizer = IdentityEncoder(768, layers=1, heads=8, dropout=dropout), IResNet("r18")
@@ -138,10 +139,14 @@ def encoder_run(stage=1, steps=3, dropout=0.1, seed=0, resume=None, saves=None):
 
     def draw(generator):
         target = int(torch.randint(4, (1,), generator=generator))
+        drawn.append(f"caption of {target}" if target % 2 else None)  # captions beside some photos
         return EncoderSample(InpaintSample(latents[target], torch.zeros(1, 5, 8, 8)),
-                             photos[[i for i in range(4) if i != target][:2]])
+                             photos[[i for i in range(4) if i != target][:2]], prompt=drawn[-1])
 
-    def denoise(latents_, noise, timesteps, concat, word, tokens):
+    drawn, seen = prompts.setdefault("drawn", []), prompts.setdefault("seen", [])
+
+    def denoise(latents_, noise, timesteps, concat, word, tokens, prompt):
+        seen.append(prompt)
         p = identity.projections[LAYER]
         signal = (tokens @ p.to_k.T).mean() + (tokens @ p.to_v.T).std() + word.mean() + p.to_q.mean()
         return noise * 0.5 + latents_ * signal + timesteps.view(-1, 1, 1, 1) * 1e-4
@@ -275,3 +280,10 @@ def test_encoder_training_from_features_computed_beforehand_trains_the_encoder_o
     assert [name for name, _ in trainables.named_parameters() if name.startswith("recognizer")] == []
     with pytest.raises(ValueError, match="stage 2 tunes the face recognizer"):
         EncoderTrainables(encoder, None, identity, 2)
+
+
+def test_each_sample_is_denoised_with_its_own_prompt():
+    prompts = {}
+    encoder_run(steps=3, prompts=prompts)
+    assert prompts["seen"] == prompts["drawn"] and len(prompts["seen"]) == 6  # 3 steps x 2 samples
+    assert None in prompts["seen"] and any(prompts["seen"])  # with and without a caption: the test can tell

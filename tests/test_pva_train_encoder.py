@@ -202,3 +202,30 @@ def test_encoder_gradients_in_half_precision_point_where_fp32s_do(host_clean, da
     assert cosine >= 0.99, f"{setup_name}: the encoder's gradient differs from fp32's (cosine {cosine:.4f})"
     assert abs(float(half.norm() / reference.norm()) - 1) <= 0.05
 
+
+
+def test_captioned_photos_are_prompted_with_their_caption_half_the_time(host_clean, dataset, monkeypatch):
+    """The paper's prompts: "photo of a sks person" alone, or with the target photo's caption after it (a long
+    caption too: the host's CLIP takes prompts beyond 77 tokens in chunks)."""
+    import shutil
+    host = host_clean
+    captioned = host.input_dir / "pva_dataset_captioned"
+    shutil.rmtree(captioned, ignore_errors=True)
+    shutil.copytree(dataset, captioned)
+    captions = {}
+    for photo in sorted(captioned.glob("*/[0-9].png")):
+        text = f"{photo.parent.name} photo {photo.stem} " + ("and a long story " * 30 if photo.stem == "1" else "")
+        photo.with_suffix(".txt").write_text(text)
+        captions[f"photo of a sks person. {' '.join(text.split())}"] = photo
+    fine_tune = pack_module(host, "nodes.pva_fine_tune")
+    prompts, denoise = [], fine_tune.PVAFineTuner.denoise
+
+    def recording(self, *args, prompt=None, **kwargs):
+        prompts.append(prompt)
+        return denoise(self, *args, prompt=prompt, **kwargs)
+    monkeypatch.setattr(fine_tune.PVAFineTuner, "denoise", recording)
+    graph = train_graph("captioned", steps=6, dataset_folder="pva_dataset_captioned")
+    result = host.run(graph)
+    assert result.success, result.error
+    assert len(prompts) == 6 and None in prompts and set(prompts) - {None} <= set(captions)
+    assert any(p and "long story" in p for p in prompts)  # seed 0 draws the long caption (over 77 tokens)

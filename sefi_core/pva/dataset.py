@@ -1,7 +1,8 @@
 """The dataset PVA's identity encoder trains on: a folder with one sub-folder per person, each holding two or more photos
 of that person (aligned face crops, as CelebA-HQ's), and optionally a face mask beside a photo: `photo.mask.png` for
 `photo.jpg`, white where the face is (what the training inpaints). Without a mask the face region is a box: the aligned
-face box (the recognizer's crop region), a box given as fractions of the photo, or the whole photo.
+face box (the recognizer's crop region), a box given as fractions of the photo, or the whole photo. A caption may sit
+beside a photo too: `photo.txt` (e.g. CelebA-Dialog's for CelebA-HQ); the paper prompts half the samples with it.
 
 Each training sample is drawn as the authors draw it (../shared/notes/pva.md): a person, one of their photos as the
 target, and 1-5 of their other photos as the references (a random count), plus a flipped copy of the last reference
@@ -22,7 +23,9 @@ from .face import CROP_COLS, CROP_FROM, CROP_ROWS
 
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MASK_SUFFIX = ".mask.png"
+CAPTION_SUFFIX = ".txt"
 FLIPPED_REFERENCE_CHANCE = 0.2
+CAPTION_CHANCE = 0.5  # the authors' share of samples prompted with their photo's caption
 ALIGNED_FACE_BOX = (CROP_COLS[0] / CROP_FROM, CROP_ROWS[0] / CROP_FROM, CROP_COLS[1] / CROP_FROM,
                     CROP_ROWS[1] / CROP_FROM)  # (left, top, right, bottom) as fractions
 WHOLE_PHOTO = (0.0, 0.0, 1.0, 1.0)
@@ -36,6 +39,7 @@ class DatasetError(ValueError):
 class Photo:
     path: str
     mask: str | None  # its face mask file, where there is one
+    caption: str | None = None  # its caption file, where there is one
 
 
 @dataclass
@@ -59,7 +63,8 @@ class FaceDataset:
             if not os.path.isdir(folder) or name.startswith("."):
                 continue
             files = sorted(os.listdir(folder))
-            photos = [Photo(os.path.join(folder, f), self._mask_of(folder, f, files)) for f in files
+            photos = [Photo(os.path.join(folder, f), self._beside(folder, f, MASK_SUFFIX, files),
+                            self._beside(folder, f, CAPTION_SUFFIX, files)) for f in files
                       if f.lower().endswith(PHOTO_SUFFIXES) and not f.lower().endswith(MASK_SUFFIX)]
             if len(photos) >= 2:
                 self.people.append(photos)
@@ -73,9 +78,10 @@ class FaceDataset:
                 "sub-folder per person, each with 2 or more photos (.png, .jpg, .webp); the paper used 1,963 people.")
 
     @staticmethod
-    def _mask_of(folder: str, file: str, files: list[str]) -> str | None:
-        mask = os.path.splitext(file)[0] + MASK_SUFFIX
-        return os.path.join(folder, mask) if mask in files else None
+    def _beside(folder: str, file: str, suffix: str, files: list[str]) -> str | None:
+        """The photo's mask or caption file (photo.mask.png, photo.txt), where there is one."""
+        name = os.path.splitext(file)[0] + suffix
+        return os.path.join(folder, name) if name in files else None
 
     @property
     def photo_count(self) -> int:
@@ -94,7 +100,7 @@ class FaceDataset:
         digest = hashlib.sha256()
         for person in self.people:
             for photo in person:
-                for path in filter(None, (photo.path, photo.mask)):
+                for path in filter(None, (photo.path, photo.mask, photo.caption)):
                     digest.update(f"{os.path.relpath(path, self.root)}:{os.path.getsize(path)}".encode())
         return digest.hexdigest()[:32]
 
@@ -128,6 +134,20 @@ def read_photo(path: str, size: int) -> torch.Tensor:
         raise DatasetError(f"{path} could not be read as an image ({error}). Remove or replace it.") from None
     square = ImageOps.fit(image, (size, size), Image.Resampling.LANCZOS)
     return torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def read_caption(path: str) -> str:
+    """A caption file's text on one line; refused where it is empty or not UTF-8 text."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = " ".join(file.read().split())
+    except (OSError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{path} could not be read as a UTF-8 caption ({error}). Save it as UTF-8 text, or delete "
+                           "it.") from None
+    if not text:
+        raise DatasetError(f"The caption {path} is empty. Write what the photo shows (e.g. 'She has long blond hair "
+                           "and is smiling.'), or delete it.")
+    return text
 
 
 def read_mask(path: str, size: int) -> torch.Tensor:

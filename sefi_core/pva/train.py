@@ -202,10 +202,10 @@ class EncoderSample:
     target: InpaintSample
     references: torch.Tensor | None  # (N, 3, H, W) square face photos in [0, 1], on the training device
     features: torch.Tensor | None = None  # or their (N, D) features, from a frozen source computed beforehand
+    prompt: str | None = None  # this sample's prompt (the target's caption after PROMPT); None: PROMPT alone
 
 
-EncoderDenoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-                          torch.Tensor]  # Denoise with the visual tokens (10, width) last
+EncoderDenoise = Callable[..., torch.Tensor]  # Denoise's arguments, then the visual tokens (10, width), and prompt=
 
 
 class EncoderTrainables:
@@ -314,7 +314,8 @@ def train_encoder(settings: EncoderTrainingSettings, trainables: EncoderTrainabl
                 sample = draw(generator)
                 tokens = trainables.tokens(sample)
                 loss = denoising_loss(sample.target, trainables.identity,
-                                      lambda *args: denoise(*args, tokens), settings.timesteps, generator)
+                                      lambda *args: denoise(*args, tokens, prompt=sample.prompt),
+                                      settings.timesteps, generator)
                 scaler.scale(loss / settings.samples_per_step).backward()
                 total += loss.detach() / settings.samples_per_step
             scaler.step(optimizer)
