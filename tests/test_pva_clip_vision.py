@@ -35,6 +35,14 @@ def train_inputs(host, source, name, **extra):
     return {**inputs, "model": model, "clip": clip, "vae": vae, "face_recognizer": source, **extra}
 
 
+def fine_tune_inputs(host, source, encoder, name):
+    """PVA Fine-tune Identity's inputs (lists: it takes its inputs as lists), one quick step."""
+    model, clip, vae = host.load_checkpoint("tiny_inpaint.safetensors")
+    return dict(model=[model], clip=[clip], vae=[vae], face_recognizer=[source], pva_encoder=[encoder], name=[name],
+                trigger=["sks"], steps=[1], timesteps_per_step=[2], projection_learning_rate=[2e-5],
+                word_learning_rate=[1e-3], seed=[0], resolution=[PHOTO_SIZE], overwrite=[True])
+
+
 def test_an_encoder_trained_on_clip_vision_reads_its_embeddings_and_a_fine_tune_uses_exactly_them(
         host_clean, dataset, clip_vision):  # noqa: F811
     host = host_clean
@@ -48,11 +56,7 @@ def test_an_encoder_trained_on_clip_vision_reads_its_embeddings_and_a_fine_tune_
     assert saved.recognizer == source.name and source.name.startswith("CLIP vision")
 
     fine_tune = pack_module(host, "nodes.pva_fine_tune")
-    model, clip, vae = host.load_checkpoint("tiny_inpaint.safetensors")
-    inputs = dict(model=[model], clip=[clip], vae=[vae], face_recognizer=[source], pva_encoder=[saved],
-                  name=["clip_person"], trigger=["sks"], steps=[1], timesteps_per_step=[2],
-                  projection_learning_rate=[2e-5], word_learning_rate=[1e-3], seed=[0], resolution=[PHOTO_SIZE],
-                  overwrite=[True])
+    inputs = fine_tune_inputs(host, source, saved, "clip_person")
     photos = [photo(host), photo(host, "pva_photo1.png")]
     with torch.inference_mode():
         identity = fine_tune.PVAFineTuneIdentity.execute(image=photos, **inputs).result[0]
@@ -98,11 +102,7 @@ def test_stage_two_and_an_encoder_of_another_width_are_refused_by_name_before_an
         patch.setattr(trainer, "frozen_source_features", read_every_photo)
         trainer.PVATrainEncoder.execute(**train_inputs(host, source, "clip_wrong_width", pva_encoder=arcface_encoder))
     fine_tune = pack_module(host, "nodes.pva_fine_tune")
-    model, clip, vae = host.load_checkpoint("tiny_inpaint.safetensors")
-    inputs = dict(model=[model], clip=[clip], vae=[vae], face_recognizer=[source], pva_encoder=[arcface_encoder],
-                  name=["clip_wrong"], trigger=["sks"], steps=[1], timesteps_per_step=[2],
-                  projection_learning_rate=[2e-5], word_learning_rate=[1e-3], seed=[0], resolution=[PHOTO_SIZE],
-                  overwrite=[True])
+    inputs = fine_tune_inputs(host, source, arcface_encoder, "clip_wrong")
     with torch.inference_mode(), pytest.raises(ValueError, match=f"gives {WIDTH}-d ones"):
         fine_tune.PVAFineTuneIdentity.execute(image=[photo(host)], **inputs)
     with torch.inference_mode(), pytest.raises(ValueError, match="needs a CLIP_VISION"):
