@@ -22,8 +22,8 @@ from comfy_api.latest import io, ui
 from ..sefi_core.files import save_atomically
 from ..sefi_core.identity import IdentityError, validate_identity_name
 from ..sefi_core.plot import loss_curve_image
-from ..sefi_core.pva.dataset import (ALIGNED_FACE_BOX, CAPTION_CHANCE, WHOLE_PHOTO, FaceDataset, Photo, box_mask,
-                                     parse_box, read_caption, read_mask, read_photo)
+from ..sefi_core.pva.dataset import (ALIGNED_FACE_BOX, CAPTION_CHANCE, WHOLE_PHOTO, FaceDataset, MaskBank, Photo,
+                                     box_mask, parse_box, read_caption, read_mask, read_photo)
 from ..sefi_core.pva.encoder import IdentityEncoder
 from ..sefi_core.pva.face import CROP_FROM, FEATURE_DIM
 from ..sefi_core.pva.model_files import PVAEncoder, save_encoder
@@ -63,15 +63,18 @@ class SampleReader:
     the host's VAE, its face masked as InpaintModelConditioning masks it) and its references, read from disk, or
     their features where a frozen source computed them beforehand (`features`: photo path -> (plain, mirrored))."""
 
-    def __init__(self, dataset: FaceDataset, tuner: PVAFineTuner, vae, resolution: int, box, features=None):
+    def __init__(self, dataset: FaceDataset, tuner: PVAFineTuner, vae, resolution: int, box, features=None,
+                 masks: MaskBank | None = None):
         self.dataset, self.tuner, self.vae, self.resolution, self.box = dataset, tuner, vae, resolution, box
-        self.features = features
+        self.features, self.masks = features, masks
 
     def __call__(self, generator: torch.Generator) -> EncoderSample:
         drawn = self.dataset.draw(generator)
         photo = read_photo(drawn.target.path, self.resolution)
         mask = read_mask(drawn.target.mask, self.resolution) if drawn.target.mask else box_mask(self.box,
                                                                                                 self.resolution)
+        if self.masks is not None:  # drawn only with a bank: runs without one draw as before
+            mask = torch.maximum(mask, self.masks.draw(generator, self.resolution))
         target = self.tuner.samples([(photo, mask)], self.vae)[0]
         prompt = self.prompt(drawn.target, generator)
         if self.features is not None:
@@ -182,6 +185,11 @@ class PVATrainEncoder(io.ComfyNode):
                                   tooltip="Optional: start from this encoder (from PVA Load Encoder); stage 2 needs "
                                           "the stage-1 encoder here."),
                 checkpointing_input(),
+                io.String.Input("random_masks_folder", default="", optional=True,
+                                tooltip="Optional: a folder (under ComfyUI's input folder, or a full path) of random "
+                                        "mask images, white = inpaint. Each sample's face region is joined with one, "
+                                        "as the authors train, so that the encoder serves masks of any shape. Empty: "
+                                        "the face region alone."),
             ],
             outputs=[EncoderType.Output(display_name="pva_encoder", tooltip="The trained encoder, for PVA Fine-tune "
                                                                             "Identity."),
@@ -210,7 +218,7 @@ class PVATrainEncoder(io.ComfyNode):
     def execute(cls, model, clip, vae, face_recognizer, dataset_folder, name, stage, steps, batch_size, accumulation,
                 timesteps_per_sample, encoder_learning_rate, projection_learning_rate, word_learning_rate,
                 recognizer_learning_rate, seed, resolution, face_region, custom_box, save_every, resume,
-                pva_encoder=None, gradient_checkpointing="auto") -> io.NodeOutput:
+                pva_encoder=None, gradient_checkpointing="auto", random_masks_folder="") -> io.NodeOutput:
         check_inpainting_model(model)
         check_sd1_clip(clip)
         file = validate_identity_name(name)
@@ -234,6 +242,7 @@ class PVATrainEncoder(io.ComfyNode):
             check_encoder_fits(pva_encoder, model)
         box = FACE_REGIONS[face_region] or parse_box(custom_box)
         dataset = FaceDataset(dataset_path(dataset_folder))
+        masks = MaskBank(dataset_path(random_masks_folder)) if (random_masks_folder or "").strip() else None
         cls.announce(dataset, saved, settings, file)
         node_id = cls.hidden.unique_id if cls.hidden else None
         width = FEATURE_DIM if recognizer is not None else feature_width(dataset, face_recognizer)
@@ -249,7 +258,8 @@ class PVATrainEncoder(io.ComfyNode):
         recognizer_name = (f"iresnet {recognizer.depth} ({tuned_recognizer_file(file)})" if settings.stage == 2
                            else face_recognizer.name)
         record = {**settings.as_metadata(), "dataset": os.path.basename(os.path.normpath(dataset.root)),
-                  "people": len(dataset.people), "photos": dataset.photo_count, "dataset_digest": dataset.digest()}
+                  "people": len(dataset.people), "photos": dataset.photo_count, "dataset_digest": dataset.digest(),
+                  "random_masks": len(masks.paths) if masks else 0}
 
         def save(trainables: EncoderTrainables, state) -> None:
             projections, word = trainables.identity.frozen_copy()
@@ -274,7 +284,7 @@ class PVATrainEncoder(io.ComfyNode):
         on_step, _ = progress_reporter(settings.steps, node_id)
         trainables, result = train_on_clones(tuner, tuner.checkpointing, gradient_checkpointing, settings.resolution,
                                              NODE, lambda: SampleReader(dataset, tuner, vae, settings.resolution, box,
-                                                                        features), train)
+                                                                        features, masks), train)
         log.info("PVA: saved encoder %s after %d steps (loss %.4f)", path, settings.steps, result.losses[-1])
         projections, word = trainables.identity.frozen_copy()
         encoder = PVAEncoder(trainables.encoder.to("cpu").eval(), recognizer_name, projections, word,

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sefi_core.pva.dataset import (ALIGNED_FACE_BOX, DatasetError, FaceDataset, box_mask, parse_box, read_caption,
-                                   read_mask, read_photo)
+from sefi_core.pva.dataset import (ALIGNED_FACE_BOX, DatasetError, FaceDataset, MaskBank, box_mask, parse_box,
+                                   read_caption, read_mask, read_photo)
 
 
 def write_photo(path, value, size=(40, 30)):
@@ -97,3 +97,26 @@ def test_captions_sit_beside_their_photos_and_are_read_as_one_line(dataset_dir):
         read_caption(str(dataset_dir / "bob" / "3.txt"))
     with pytest.raises(DatasetError, match="4.txt could not be read as a UTF-8 caption"):
         read_caption(str(dataset_dir / "bob" / "4.txt"))
+
+
+def test_random_masks_are_drawn_from_the_runs_generator_as_centre_squares(tmp_path):
+    for k in range(3):  # mask k: white in column band k of a 60x40 image
+        image = np.zeros((40, 60), np.uint8)
+        image[:, 10 + 10 * k:20 + 10 * k] = 255
+        Image.fromarray(image).save(tmp_path / f"{k}.png")
+    (tmp_path / "readme.txt").write_text("not a mask")
+    bank = MaskBank(str(tmp_path))
+    assert [p.rsplit("/", 1)[1] for p in bank.paths] == ["0.png", "1.png", "2.png"]
+    draws = [bank.draw(torch.Generator().manual_seed(seed), 20) for seed in range(12)]
+    expected = {}
+    for k in range(3):  # the centre 40x40 square (columns 10-50) at half size: band k at columns 5k to 5k+5
+        mask = torch.zeros(20, 20)
+        mask[:, 5 * k:5 * k + 5] = 1
+        expected[k] = mask
+    picks = [int(torch.randint(3, (1,), generator=torch.Generator().manual_seed(seed))) for seed in range(12)]
+    assert all(torch.equal(d, expected[k]) for d, k in zip(draws, picks)) and len(set(picks)) == 3
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="has no .png masks"):
+        MaskBank(str(tmp_path / "empty"))
+    with pytest.raises(DatasetError, match="does not exist. Give a folder of mask images"):
+        MaskBank(str(tmp_path / "missing"))

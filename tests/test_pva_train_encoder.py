@@ -3,6 +3,7 @@ folder of people: it saves an encoder (with the visual attention and the word it
 starts from; a run resumed from its last save ends bit for bit where one long run ends; stage 2 tunes a copy of the
 face recognizer and saves it for fine-tunes; a cancel keeps the last save; the host's model and the loaded recognizer
 are left as they were; gradients in fp16/bf16 point where fp32's do; bad inputs are refused by name before any work."""
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -229,3 +230,34 @@ def test_captioned_photos_are_prompted_with_their_caption_half_the_time(host_cle
     assert result.success, result.error
     assert len(prompts) == 6 and None in prompts and set(prompts) - {None} <= set(captions)
     assert any(p and "long story" in p for p in prompts)  # seed 0 draws the long caption (over 77 tokens)
+
+
+def test_with_a_random_masks_folder_each_samples_face_region_is_joined_with_one_of_its_masks(host_clean, dataset,
+                                                                                              monkeypatch):
+    host = host_clean
+    folder = host.input_dir / "pva_random_masks"
+    folder.mkdir(exist_ok=True)
+    bank = {}
+    for k in range(2):  # two masks: a band across the top, a band down the right edge
+        image = Image.new("L", (PHOTO_SIZE, PHOTO_SIZE))
+        image.paste(255, (0, 0, PHOTO_SIZE, 8) if k == 0 else (PHOTO_SIZE - 8, 0, PHOTO_SIZE, PHOTO_SIZE))
+        image.save(folder / f"{k}.png")
+        bank[k] = torch.from_numpy(np.asarray(image) > 127).float()
+    dataset_module = pack_module(host, "sefi_core.pva.dataset")
+    box = dataset_module.box_mask(dataset_module.ALIGNED_FACE_BOX, PHOTO_SIZE)
+    own = dataset_module.read_mask(str(dataset / "cat" / "0.mask.png"), PHOTO_SIZE)  # the one photo with a face mask
+    fine_tune = pack_module(host, "nodes.pva_fine_tune")
+    masks, samples = [], fine_tune.PVAFineTuner.samples
+
+    def recording(self, squares, vae):
+        masks.extend(mask for _, mask in squares)
+        return samples(self, squares, vae)
+    monkeypatch.setattr(fine_tune.PVAFineTuner, "samples", recording)
+    assert host.run(train_graph("random_masks", steps=4, random_masks_folder="pva_random_masks")).success
+    assert len(masks) == 4
+    joined = [torch.maximum(region, random) for region in (box, own) for random in bank.values()]
+    assert all(any(torch.equal(mask, j) for j in joined) for mask in masks)
+    assert len({tuple(mask.flatten().tolist()) for mask in masks}) > 1  # not one mask throughout
+    missing = host.run(train_graph("no_masks", random_masks_folder="nowhere"))
+    assert not missing.success and "random masks folder" in missing.error["exception_message"]
+    assert not (host.pva_encoder_dir / "no_masks.safetensors").exists()

@@ -3,6 +3,7 @@ of that person (aligned face crops, as CelebA-HQ's), and optionally a face mask 
 `photo.jpg`, white where the face is (what the training inpaints). Without a mask the face region is a box: the aligned
 face box (the recognizer's crop region), a box given as fractions of the photo, or the whole photo. A caption may sit
 beside a photo too: `photo.txt` (e.g. CelebA-Dialog's for CelebA-HQ); the paper prompts half the samples with it.
+A folder of random masks (MaskBank) may widen every sample's face region, as the authors join one to each region.
 
 Each training sample is drawn as the authors draw it (../shared/notes/pva.md): a person, one of their photos as the
 target, and 1-5 of their other photos as the references (a random count), plus a flipped copy of the last reference
@@ -136,6 +137,23 @@ def read_photo(path: str, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
+class MaskBank:
+    """A folder of random inpainting masks (.png, white = inpaint; e.g. the irregular masks of inpainting
+    benchmarks): each sample's face region is joined with one, drawn from the run's generator."""
+
+    def __init__(self, folder: str):
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(".png")) if os.path.isdir(folder) else []
+        if not files:
+            state = "has no .png masks" if os.path.isdir(folder) else "does not exist"
+            raise DatasetError(f"The random masks folder {folder!r} {state}. Give a folder of mask images (white = "
+                               "inpaint), or leave random_masks_folder empty.")
+        self.folder, self.paths = folder, [os.path.join(folder, f) for f in files]
+
+    def draw(self, generator: torch.Generator, size: int) -> torch.Tensor:
+        """(size, size) in {0, 1}: one of the masks, its centre square resized."""
+        return mask_square(self.paths[int(torch.randint(len(self.paths), (1,), generator=generator))], size)
+
+
 def read_caption(path: str) -> str:
     """A caption file's text on one line; refused where it is empty or not UTF-8 text."""
     try:
@@ -150,14 +168,19 @@ def read_caption(path: str) -> str:
     return text
 
 
-def read_mask(path: str, size: int) -> torch.Tensor:
-    """(size, size) in {0, 1}: the mask's centre square (white = face); refused where it covers nothing."""
+def mask_square(path: str, size: int) -> torch.Tensor:
+    """(size, size) in {0, 1}: a mask image's centre square (white = 1), resized."""
     try:
         with Image.open(path) as image:
             mask = ImageOps.fit(ImageOps.exif_transpose(image).convert("L"), (size, size), Image.Resampling.NEAREST)
     except (OSError, ValueError) as error:
         raise DatasetError(f"{path} could not be read as a mask image ({error}). Remove or replace it.") from None
-    mask = torch.from_numpy((np.asarray(mask) > 127).astype(np.float32))
+    return torch.from_numpy((np.asarray(mask) > 127).astype(np.float32))
+
+
+def read_mask(path: str, size: int) -> torch.Tensor:
+    """(size, size) in {0, 1}: a face mask's centre square (white = face); refused where it covers nothing."""
+    mask = mask_square(path, size)
     if not bool(mask.any()):
         raise DatasetError(f"The face mask {path} is black in its photo's centre square: nothing to inpaint. Paint the "
                            "face white, or delete the mask to use the face box.")
