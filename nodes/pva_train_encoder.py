@@ -5,7 +5,9 @@ It trains on the same resident clones, with the same PVA patch and the same inpa
 (pva_fine_tune.PVAFineTuner), through the run both systems share (training.train_on_clones). Every `save_every` steps
 and at the end it saves, atomically, the encoder (with the visual projections and the word it trained) and its
 training state (models/sefi_training_state): a cancelled or crashed run keeps its last save, and `resume` goes on from
-it exactly. Stage 2 also tunes the face recognizer, saved beside the others in models/face_recognizers.
+it exactly. Stage 2 also tunes the face recognizer, saved beside the others in models/face_recognizers. A frozen
+feature source the host runs (CLIP vision) reads every photo once before training instead, so that the host loads no
+other model beside the training clones mid-run.
 """
 from __future__ import annotations
 
@@ -245,14 +247,8 @@ class PVATrainEncoder(io.ComfyNode):
         masks = MaskBank(dataset_path(random_masks_folder)) if (random_masks_folder or "").strip() else None
         cls.announce(dataset, saved, settings, file)
         node_id = cls.hidden.unique_id if cls.hidden else None
-        width = FEATURE_DIM if recognizer is not None else feature_width(dataset, face_recognizer)
-        network = pva_encoder.network if pva_encoder is not None else new_encoder(model, settings.seed, width)
-        check_features_fit(network, width, face_recognizer.name)
-        if saved is not None and saved.weights["encoder.queries"].shape[-1] != width:
-            raise ValueError(f"{file} was trained on {saved.weights['encoder.queries'].shape[-1]}-d face features; "
-                             f"{face_recognizer.name} gives {width}-d ones. To go on, connect the face recognizer (or "
-                             "CLIP vision) it was trained with.")
-        features = None if recognizer is not None else frozen_source_features(dataset, face_recognizer, node_id)
+        network, features = encoder_and_features(model, settings.seed, face_recognizer, pva_encoder, dataset, saved,
+                                                 file, node_id)
         tuner = PVAFineTuner(model, clip, TRIGGER, torch.zeros(network.queries.shape[0], network.project.out_features),
                              gradient_checkpointing == "on", pva_encoder)
         recognizer_name = (f"iresnet {recognizer.depth} ({tuned_recognizer_file(file)})" if settings.stage == 2
@@ -322,6 +318,19 @@ class PVATrainEncoder(io.ComfyNode):
             text += ". The dataset changed since: the run will not end where one long run ends"
         show_text_on_node(cls.hidden.unique_id if cls.hidden else None, text + ".")
         log.info("PVA: %s", text)
+
+
+def encoder_and_features(model, seed: int, source, pva_encoder, dataset: FaceDataset, saved, file: str, node_id):
+    """The encoder to train (the connected one, or a new one of the source's feature width) and, for a frozen source
+    (CLIP vision), every photo's features; widths that do not fit are refused before the dataset is read."""
+    width = FEATURE_DIM if source.network is not None else feature_width(dataset, source)
+    network = pva_encoder.network if pva_encoder is not None else new_encoder(model, seed, width)
+    check_features_fit(network, width, source.name)
+    if saved is not None and saved.weights["encoder.queries"].shape[-1] != width:
+        raise ValueError(f"{file} was trained on {saved.weights['encoder.queries'].shape[-1]}-d face features; "
+                         f"{source.name} gives {width}-d ones. To go on, connect the face recognizer (or CLIP vision) "
+                         "it was trained with.")
+    return network, None if source.network is not None else frozen_source_features(dataset, source, node_id)
 
 
 def new_encoder(model, seed: int, feature_dim: int = FEATURE_DIM) -> IdentityEncoder:
