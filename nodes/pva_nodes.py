@@ -59,7 +59,7 @@ class ClipVisionFeatures:
 
 
 def clip_vision_name(clip_vision) -> str:
-    """e.g. "CLIP vision (303,966,976 weights)": what encoders and identities record of the source, told
+    """"CLIP vision (<number> weights)": what encoders and identities record of the source, told
     apart by size (the host keeps no file name with the model)."""
     weights = sum(t.numel() for t in clip_vision.get_sd().values())
     return f"CLIP vision ({weights:,} weights)"
