@@ -59,8 +59,8 @@ class ClipVisionFeatures:
 
 
 def clip_vision_name(clip_vision) -> str:
-    """"CLIP vision (<number> weights)": what encoders and identities record of the source, told
-    apart by size (the host keeps no file name with the model)."""
+    """What encoders and identities record of the source, "CLIP vision (<number> weights)": models told apart by
+    size (the host keeps no file name with the model)."""
     weights = sum(t.numel() for t in clip_vision.get_sd().values())
     return f"CLIP vision ({weights:,} weights)"
 
