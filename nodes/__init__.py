@@ -1,24 +1,7 @@
-"""The ComfyUI side of the pack: the only package that imports the host."""
-from comfy_api.latest import ComfyExtension, io
+"""The ComfyUI side of the pack: the only package that imports the host.
 
-from .apply_stage_tokens import SefiApplyStageTokens
-from .attention_preview import SefiAttentionMapPreview
-from .folders import register_folders
-from .load_identity import SefiLoadIdentity
-from .pva_fine_tune import PVAFineTuneIdentity
-from .pva_nodes import PVAApply, PVAClipVisionFeatures, PVALoadEncoder, PVALoadFaceRecognizer, PVALoadIdentity
-from .pva_train_encoder import PVATrainEncoder
-from .train_identity import SefiTrainIdentity
-
-register_folders()
-
-
-class SefiExtension(ComfyExtension):
-    async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [SefiTrainIdentity, SefiLoadIdentity, SefiApplyStageTokens, SefiAttentionMapPreview,
-                PVALoadFaceRecognizer, PVAClipVisionFeatures, PVALoadEncoder, PVATrainEncoder, PVAFineTuneIdentity,
-                PVALoadIdentity, PVAApply]
-
-
-async def comfy_entrypoint() -> SefiExtension:
-    return SefiExtension()
+Its top level is what both systems' nodes share (models folders, checks, photos, CLIP tokens, node UI, output files,
+the loader skeleton, sampling and training through the host); `sefi/` holds SeFi-IDE's nodes, `pva/` PVA's. The wings
+never import each other, and the shared modules import neither (tests/test_layout.py). The pack's __init__.py
+registers both wings' nodes.
+"""

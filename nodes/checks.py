@@ -1,7 +1,12 @@
-"""What the pack checks of what is connected to it (the SD1.x family), and how a node's validator reports a check."""
+"""What the nodes check of what is connected to them (the SD1.x family, combo values, one value per input), and how a
+node's validator reports a check. Every message names the node that speaks (`node`: its display name)."""
 from __future__ import annotations
 
+from typing import Sequence
+
 from .clip_tokens import token_embedding_table
+
+SD1_CHECKPOINTS = "Load an SD1.x checkpoint (SD 1.4/1.5, their fine-tunes or the SD1.5 inpainting model)."
 
 
 def validation_result(check, *args, **kwargs):
@@ -14,21 +19,45 @@ def validation_result(check, *args, **kwargs):
     return True
 
 
-def check_sd1_model(model) -> None:
+def first(value):
+    """A validator's or fingerprint's value: a list of one under is_input_list (a plain value when called directly)."""
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+def check_choices(options: dict[str, Sequence[str]], **values) -> None:
+    """Combo values as the node lists them (`options`: input name -> its choices); a workflow saved by an older
+    version may hold shifted ones. None is an input the validator does not know yet (linked to another node)."""
+    for name, value in values.items():
+        if value is not None and value not in options[name]:
+            raise ValueError(f"{name} {value!r} is not one of {list(options[name])} (a workflow saved by an older "
+                             "version may hold shifted values): pick one of those on the node, then queue again.")
+
+
+def single_values(inputs: dict, node: str, lists: str) -> dict:
+    """A node that takes its inputs as lists (photos may be a list of different sizes): every input but those named
+    in `lists` must hold one value, as one identity is trained per run."""
+    for name, values in inputs.items():
+        if len(values) != 1:
+            raise ValueError(f"'{name}' received a list of {len(values)} values, but {node} trains one identity per "
+                             f"run from one set of settings. Connect a single value to '{name}'; only {lists} take "
+                             "lists (several photos of one subject).")
+    return {name: values[0] for name, values in inputs.items()}
+
+
+def check_sd1_model(model, node: str, advice: str = SD1_CHECKPOINTS) -> None:
     config = model.model.model_config
     context_dim = config.unet_config.get("context_dim")
     family = type(config).__name__
     if context_dim != 768 or "SD15" not in {c.__name__ for c in type(config).__mro__}:
-        raise ValueError(f"SeFi identities are for SD1.x models (768-d CLIP-L text context). This model is "
-                         f"{family} with a {context_dim}-d text context. Load an SD1.x checkpoint "
-                         "(SD 1.4/1.5, their fine-tunes or the SD1.5 inpainting model).")
+        raise ValueError(f"{node} needs an SD1.x model (768-d CLIP-L text context). This model is {family} with a "
+                         f"{context_dim}-d text context. {advice}")
 
 
-def check_sd1_clip(clip) -> None:
+def check_sd1_clip(clip, node: str) -> None:
     encoder = clip.cond_stage_model
     if getattr(encoder, "clip_name", None) != "l" or not hasattr(encoder, "clip_l"):
-        raise ValueError(f"SeFi identities are for the SD1.x text encoder (CLIP-L). This CLIP is "
-                         f"{type(encoder).__name__}; use the CLIP output of an SD1.x Load Checkpoint.")
+        raise ValueError(f"{node} needs the SD1.x text encoder (CLIP-L). This CLIP is {type(encoder).__name__}; use "
+                         "the CLIP output of an SD1.x Load Checkpoint.")
     width = token_embedding_table(clip).shape[1]
     if width != 768:
-        raise ValueError(f"SeFi identities need 768-d CLIP-L word embeddings; this CLIP's are {width}-d.")
+        raise ValueError(f"{node} needs 768-d CLIP-L word embeddings; this CLIP's are {width}-d.")

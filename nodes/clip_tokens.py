@@ -1,9 +1,12 @@
-"""The host's CLIP-L vocabulary: a word's token ids and input embedding, and a fingerprint of the model family."""
+"""The host's CLIP-L vocabulary: a word's token ids and input embedding, a fingerprint of the model family, and the
+tokenizer through which both systems' trigger words mean learned embeddings."""
 from __future__ import annotations
 
 import hashlib
 
 import torch
+
+from ..sefi_core.tokens import mark_triggers
 
 
 def token_embedding_table(clip) -> torch.Tensor:
@@ -28,3 +31,37 @@ def model_fingerprint(clip) -> str:
     """Short hash of the text encoder's word embeddings: tells SD1.x families apart cheaply."""
     rows = token_embedding_table(clip)[:64].detach().to("cpu", torch.float32)
     return hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16]
+
+
+class TriggerTokenizer:
+    """A CLIP clone's tokenizer in which each trigger word's tokens become one entry (sefi_core/tokens.py): an
+    embedding entry the host's encoder reads as a word (PVA's learned word), or one that also marks SeFi's identity.
+    It wraps the CLIP's own tokenizer, so the CLIP a node received keeps tokenizing as before; everything else is
+    delegated. Apply nodes chained on one CLIP, of either system, extend one wrapper."""
+
+    def __init__(self, inner, patterns: dict[tuple[int, ...], dict]):
+        self.inner = inner
+        self.patterns = patterns  # trigger token ids -> the entry that replaces them
+
+    def tokenize_with_weights(self, text, return_word_ids=False, **kwargs):
+        out = self.inner.tokenize_with_weights(text, return_word_ids, **kwargs)
+        chunks, count = mark_triggers(out["l"], self.patterns)
+        return {**out, "l": chunks} if count else out
+
+    def __getattr__(self, name):  # only called for attributes this wrapper lacks
+        if name in ("inner", "patterns") or name.startswith("__"):  # copy/deepcopy probe before __init__ ran
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    @staticmethod
+    def with_trigger(tokenizer, ids: tuple[int, ...], entry: dict, trigger: str, advice: str) -> "TriggerTokenizer":
+        """`tokenizer` (a plain one or a TriggerTokenizer) with `trigger` (token ids `ids`) read as `entry`; a trigger
+        already taken is refused with `advice` (what the node that speaks can do)."""
+        if isinstance(tokenizer, TriggerTokenizer):
+            inner, patterns = tokenizer.inner, dict(tokenizer.patterns)
+        else:
+            inner, patterns = tokenizer, {}
+        if ids in patterns:
+            raise ValueError(f"Two identities use the trigger word {trigger!r}. {advice}")
+        patterns[ids] = entry
+        return TriggerTokenizer(inner, patterns)

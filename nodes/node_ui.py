@@ -1,5 +1,19 @@
-"""What a node shows in the frontend while it runs, beyond the progress bar."""
+"""What a node shows in the frontend while it runs, beyond the progress bar: its text, a training's progress and
+previews, and the loss curve every training node gives as an output."""
 from __future__ import annotations
+
+import logging
+
+import torch
+from PIL import Image
+
+import comfy.model_management
+import comfy.utils
+
+from ..sefi_core.plot import loss_curve_image, smoothed, smoothing_span
+
+log = logging.getLogger(__name__)
+PREVIEW_SHOWN_SIZE = 512  # the longest side of a preview on the node
 
 
 def show_text_on_node(node_id: str | None, text: str) -> None:
@@ -8,3 +22,32 @@ def show_text_on_node(node_id: str | None, text: str) -> None:
 
     if node_id is not None and PromptServer.instance is not None:
         PromptServer.instance.send_progress_text(text, node_id)
+
+
+class TrainingProgress:
+    """A training loop's on_step: the progress bar every step (Cancel is checked there), and the smoothed loss as the
+    node's text whenever new losses were read back (in the log every 100 steps, under the node's name). show_preview
+    puts an image on the node as the host's progress preview, as KSampler's live previews."""
+
+    def __init__(self, total_steps: int, node_id: str | None, node: str):
+        self.total_steps, self.node_id, self.node = total_steps, node_id, node
+        self.bar = comfy.utils.ProgressBar(total_steps)
+        self.span, self.shown = smoothing_span(total_steps), 0
+
+    def __call__(self, step: int, losses: list[float]) -> None:
+        self.bar.update_absolute(step + 1, self.total_steps)
+        if len(losses) > self.shown:
+            self.shown = len(losses)
+            loss = smoothed(losses[-10 * self.span:], self.span)[-1]  # older steps weigh < e^-20
+            show_text_on_node(self.node_id, f"step {len(losses)}/{self.total_steps}: loss {loss:.4f} (smoothed)")
+            if len(losses) % 100 == 0 or len(losses) == self.total_steps:
+                log.info("%s: step %d/%d loss %.4f (smoothed)", self.node, len(losses), self.total_steps, loss)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    def show_preview(self, step: int, image) -> None:
+        self.bar.update_absolute(step, self.total_steps, ("JPEG", Image.fromarray(image), PREVIEW_SHOWN_SIZE))
+
+
+def loss_curve(losses: list[float], total_steps: int, title: str) -> torch.Tensor:
+    """The loss curve as an IMAGE (1, H, W, 3): a training node's loss_curve output, also shown on the node."""
+    return torch.from_numpy(loss_curve_image(losses, total_steps, title)).unsqueeze(0)

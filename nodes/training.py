@@ -1,19 +1,20 @@
-"""Training inside the host: gradients through ComfyUI's frozen, already-loaded UNet and CLIP.
+"""Training inside the host, for both systems: gradients through ComfyUI's frozen, already-loaded UNet and CLIP.
 
-Host traps handled here (see shared notes §4): weights loaded under the executor are inference tensors,
-so every weight gets an identity weight wrapper on a clone (a fresh copy per forward that autograd can
-save); CLIPLayer adds in place, so the clone's CLIP layers get an out-of-place forward; parameters are
-shared with the host, so their requires_grad flags are switched off for the run and restored after.
+Host traps handled here: weights loaded under the executor are inference tensors, so every weight gets an identity
+weight wrapper on a clone (a fresh copy per forward that autograd can save); CLIPLayer adds in place, so the clone's
+CLIP layers get an out-of-place forward; parameters are shared with the host, so their requires_grad flags are
+switched off for the run and restored after.
 
 Dynamic VRAM (the host's default on NVIDIA since v0.15): a ModelPatcherDynamic keeps the weights in host memory
 and casts each layer into reused GPU buffers as it runs, so a weight autograd saved for backward may already hold
 another layer's values, and `layer.weight` may sit on the CPU while the layer runs on the GPU. Training therefore
 works on clones whose weights are resident and real on the training device for the whole run (`resident_clones`).
 
-Precision: the UNet computes in whatever dtype the host loaded it for (fp16/bf16 on GPUs, no cast to
-fp32); the K/V contexts are cast to it on the way in. The face-wise attention loss is computed in fp32
-from fp32 contexts, outside the UNet (its gradient is ~1e-3 of L_KV's and would vanish in fp16), and
-fp16 runs get loss scaling (sefi_core.train.loss_scaler).
+Precision: the UNet computes in whatever dtype the host loaded it for (fp16/bf16 on GPUs, no cast to fp32); what a
+training feeds it is cast to that dtype on the way in, and fp16 runs get loss scaling (sefi_core/training.py).
+
+Each system builds its trainer on `TrainingClones` (nodes/sefi/training.py, nodes/pva/training.py) and runs it with
+`train_on_clones`; tests and benchmarks enter the same `training_session`.
 """
 from __future__ import annotations
 
@@ -22,25 +23,18 @@ import inspect
 import logging
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import comfy.ldm.modules.attention
 import comfy.ldm.modules.diffusionmodules.openaimodel
 import comfy.model_management
-import comfy.patcher_extension
 from comfy_api.latest import io
 
-from ..sefi_core.augment import as_rgb, augment, center_square, subject_square
-from ..sefi_core.losses import attention_loss, token_mask
-from ..sefi_core.prompt_tokens import mark_triggers
-from ..sefi_core.train import PROMPT_TEMPLATES, TrainResult, TrainSettings, train_tokens
-from .clip_tokens import word_embedding, word_token_ids
-from .sefi_patches import OPTIONS_KEY, StageKVInjector
+from ..sefi_core.tokens import mark_triggers
+from .clip_tokens import word_token_ids
 
 log = logging.getLogger(__name__)
-_SLOT = object()  # marks the trigger's slot while building training prompts
-AUGMENTED_VIEWS = 32  # augmented copies VAE-encoded once up front, then drawn at random each step
+TRIGGER_SLOT = object()  # marks the trigger's slot in a training prompt, filled with the embedding being trained
 CHECKPOINTING_MODES = ("auto", "on", "off")
 
 
@@ -128,7 +122,7 @@ def _accepts(function, name: str) -> bool:
     return name in inspect.signature(function).parameters
 
 
-def resident_clones(model, clip):
+def resident_clones(model, clip, node: str):
     """Clones of the host's MODEL and CLIP whose weights a full load puts on the training device, as real tensors.
 
     Of the host's three ways (v0.33 model_patcher.py), `clone(disable_dynamic=True)` is the one that fits: on a
@@ -144,8 +138,8 @@ def resident_clones(model, clip):
         model_clone, clip_clone = model.clone(disable_dynamic=True), clip.clone(disable_dynamic=True)
     except RuntimeError as error:  # a dynamic MODEL/CLIP from a loader that gave no way to reload it
         raise RuntimeError(
-            f"SeFi Train Identity cannot train on this MODEL/CLIP under ComfyUI's dynamic VRAM ({error}). Connect the "
-            "outputs of Load Checkpoint directly, or start ComfyUI with --disable-dynamic-vram.") from None
+            f"{node} cannot train on this MODEL/CLIP under ComfyUI's dynamic VRAM ({error}). Connect the outputs of "
+            "Load Checkpoint directly, or start ComfyUI with --disable-dynamic-vram.") from None
     # CLIP.clone keeps the original encoder beside the new patcher: encode through the patcher's (reloaded) one.
     clip_clone.cond_stage_model = clip_clone.patcher.model
     return model_clone, clip_clone
@@ -169,13 +163,37 @@ def is_out_of_memory(error: BaseException) -> bool:
     return bool(getattr(mm, "is_oom", lambda e: False)(error))
 
 
+def fp32_weight(linear, device) -> torch.Tensor:
+    """A layer's weight as fp32 (from fp16, bf16 or fp8 storage) on `device`, with any host weight function applied."""
+    weight = linear.weight.to(device).float()
+    for function in getattr(linear, "weight_function", []):
+        weight = function(weight)
+    return weight.detach().clone()
+
+
+@contextlib.contextmanager
+def forward_pre_hooks(modules, hook):
+    """Forward pre-hooks that exist only inside the `with` (removed even on cancel or error)."""
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class TrainingClones:
     """Resident clones of the host's MODEL and CLIP that gradients flow through (module docstring), loaded with
     load() and given back with release(); prompts with the trigger's slot filled by a differentiable embedding.
-    `patch_model` may add object patches to the model clone first (they are applied when it loads)."""
+    `patch_model` may add object patches to the model clone first (they are applied when it loads). `node`: the
+    display name of the node that trains, which every message names. `checkpointing`: the UNet wrapper a trainer's
+    forward passes in its transformer options; on from the start, or switched on by train_on_clones."""
 
-    def __init__(self, model, clip, trigger: str, patch_model=lambda clone: clone):
-        self.model, self.clip = resident_clones(model, clip)
+    def __init__(self, model, clip, trigger: str, node: str, checkpointing: bool = False,
+                 patch_model=lambda clone: clone):
+        self.node = node
+        self.checkpointing = GradientCheckpointing(checkpointing)
+        self.model, self.clip = resident_clones(model, clip, node)
         self.model = patch_model(self.model)
         _wrap_weights(self.model, self.model.model)
         _wrap_weights(self.clip.patcher, self.clip.cond_stage_model)
@@ -183,7 +201,7 @@ class TrainingClones:
         for i, layer in enumerate(layers):
             self.clip.patcher.add_object_patch(f"clip_l.transformer.text_model.encoder.layers.{i}.forward",
                                                _out_of_place(layer))
-        self.tokenizer = getattr(clip.tokenizer, "inner", clip.tokenizer)  # a SeFi CLIP's plain tokenizer
+        self.tokenizer = getattr(clip.tokenizer, "inner", clip.tokenizer)  # an applied CLIP's plain tokenizer
         self.trigger_ids = word_token_ids(clip, trigger)
         self.trigger = trigger
         self.sampling = self.model.get_model_object("model_sampling")
@@ -205,225 +223,61 @@ class TrainingClones:
         comfy.model_management.soft_empty_cache()
 
     def marked_prompt(self, text: str) -> list:
-        """The tokenized prompt, the trigger's tokens replaced by one slot marker."""
+        """The tokenized prompt, the trigger's tokens replaced by one TRIGGER_SLOT entry."""
         if text not in self._prompts:
             tokens = self.tokenizer.tokenize_with_weights(text)["l"]
-            self._prompts[text], _ = mark_triggers(tokens, {self.trigger_ids: _SLOT})
+            self._prompts[text], _ = mark_triggers(tokens, {self.trigger_ids: TRIGGER_SLOT})
         return self._prompts[text]
 
     def with_token(self, text: str, token: torch.Tensor) -> list:
         """The prompt's CLIP-L token list with `token` (an input embedding) in the trigger's slot."""
-        return [[({"type": "embedding", "data": token} if e[0] is _SLOT else e[0], *e[1:]) for e in chunk]
+        return [[({"type": "embedding", "data": token} if e[0] is TRIGGER_SLOT else e[0], *e[1:]) for e in chunk]
                 for chunk in self.marked_prompt(text)]
 
 
-class HostTrainer(TrainingClones):
-    """The host-specific callables `sefi_core.train.train_tokens` needs, built on resident clones of the inputs."""
-
-    def __init__(self, model, clip, trigger: str, class_word: str, attention_option: str,
-                 gradient_checkpointing: bool = False):
-        super().__init__(model, clip, trigger)
-        self.attention_option = attention_option
-        self.class_embedding = word_embedding(clip, class_word)
-        self._references, self._masks = {}, {}
-        self.loss_layers: list = []
-        self._loss_weights: dict = {}  # loss layer -> fp32 (to_q, to_k) weights
-        self.checkpointing = GradientCheckpointing(gradient_checkpointing)
-
-    def release(self) -> None:
-        super().release()
-        self._references.clear()
-        self._loss_weights.clear()
-
-    # -- data ------------------------------------------------------------------------------------
-
-    def training_samples(self, images, vae, resolution: int, count: int, generator, subject_masks=None) -> list:
-        """`count` augmented views, VAE-encoded once up front, the photos (a batch, or a list of (H, W, C) of any
-        sizes) used in turn, so each gets an equal share of the views and, drawn uniformly, of the steps. With subject
-        masks (one per photo, or one for all), each square follows its mask and the loss weights it."""
-        if subject_masks is None:
-            squares = [(center_square(as_rgb(image), resolution), None) for image in images]
-        else:
-            squares = [subject_square(as_rgb(image), subject_masks[k % len(subject_masks)], resolution)
-                       for k, image in enumerate(images)]
-        samples = []
-        for k in range(count):
-            square, subject = squares[k % len(squares)]
-            pixels, mask = augment(square, generator, subject)
-            with torch.no_grad():
-                latent = vae.encode(pixels.permute(1, 2, 0).unsqueeze(0))
-                latent = self.model.model.process_latent_in(latent).to(self.device)
-            weights = torch.nn.functional.adaptive_avg_pool2d(mask[None, None], latent.shape[-2:])
-            # The placement box alone is cut at half a latent pixel; a subject mask keeps its soft edges.
-            weights = (weights > 0.5).float() if subject is None else weights
-            samples.append((latent.float(), weights.to(self.device)))
-        return samples
-
-    # -- prompts ---------------------------------------------------------------------------------
-
-    def _template(self, index: int) -> list:
-        return self.marked_prompt(PROMPT_TEMPLATES[index].format(self.trigger))
-
-    def _with_token(self, index: int, token: torch.Tensor) -> list:
-        return self.with_token(PROMPT_TEMPLATES[index].format(self.trigger), token)
-
-    def encode_kv(self, index: int, k_token: torch.Tensor, v_token: torch.Tensor):
-        cond = self.clip.encode_from_tokens({"l": self._with_token(index, k_token) + self._with_token(index, v_token)})
-        length = cond.shape[1] // 2
-        return cond[:, :length].to(self.device), cond[:, length:].to(self.device)
-
-    def reference(self, index: int) -> torch.Tensor:
-        """The reference prompt: the template with the class word in the trigger's slot (its embedding, as Apply's
-        class-word prompt has it, so that token positions match even for a class word of several tokens)."""
-        if index not in self._references:
-            with torch.no_grad():
-                tokens = {"l": self._with_token(index, self.class_embedding)}
-                self._references[index] = self.clip.encode_from_tokens(tokens).to(self.device)
-        return self._references[index]
-
-    def _token_mask(self, index: int):
-        if index not in self._masks:
-            chunk = self._template(index)[0]
-            slots = [i for i, e in enumerate(chunk) if e[0] is _SLOT]
-            end = next(i for i, e in enumerate(chunk) if e[0] == self.tokenizer.clip_l.end_token)
-            self._masks[index] = token_mask(self.attention_option, len(chunk), slots, end)
-        return self._masks[index]
-
-    # -- UNet ------------------------------------------------------------------------------------
-
-    def find_loss_layers(self, latent: torch.Tensor) -> None:
-        """The cross-attention layers at half the latent size (32x32 at 512 px, as in Algorithm 1), or the
-        nearest size a model has; found with one forward pass."""
-        sizes = {}
-        modules = [m for name, m in self.model.model.diffusion_model.named_modules() if name.endswith("attn2")]
-
-        def record(module, args, kwargs):
-            sizes[module] = args[0].shape[1]
-
-        target = (latent.shape[-2] // 2) * (latent.shape[-1] // 2)
-        with torch.no_grad(), _hooks(modules, record):
-            context = self.reference(0)
-            self._apply(latent, torch.zeros_like(latent), 500, context, context)
-        best = min(abs(n - target) for n in sizes.values())
-        self.loss_layers = [m for m, n in sizes.items() if abs(n - target) == best]
-        self._loss_weights = {m: (_fp32_weight(m.to_q, self.device), _fp32_weight(m.to_k, self.device))
-                              for m in self.loss_layers}
-
-    def _apply(self, latent, noise, t, k_context, v_context):
-        sigma = self.sampling.sigma(torch.tensor([float(t)], device=self.device))
-        x = self.sampling.noise_scaling(sigma, noise, latent)
-        k_context, v_context = k_context.to(self.dtype), v_context.to(self.dtype)  # SDPA wants one dtype
-        options = {"patches": {"attn2_patch": [StageKVInjector()]}, OPTIONS_KEY: (k_context, v_context, None),
-                   "wrappers": {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {"sefi_train": [self.checkpointing]}}}
-        denoised = self.model.model.apply_model(x, sigma, c_crossattn=k_context, transformer_options=options)
-        return (x - denoised.float()) / sigma.view(-1, 1, 1, 1)
-
-    def denoise(self, latent, noise, t, k_context, v_context, index):
-        """(eps prediction, face-wise attention loss). The loss layers' inputs are recorded during the forward and
-        the loss is computed afterwards in fp32: queries from those inputs (no gradient: the loss constrains the
-        K path, paper Algorithm 1), keys from the fp32 K context and from the reference prompt."""
-        inputs = []
-
-        def record_input(module, args, kwargs):
-            inputs.append((module, args[0].detach()))
-
-        with _hooks(self.loss_layers, record_input):
-            eps = self._apply(latent, noise, t, k_context, v_context)
-        reference, mask = self.reference(index), self._token_mask(index)
-        losses = []
-        for module, x in inputs:
-            w_q, w_k = self._loss_weights[module]
-            q = F.linear(x.float(), w_q)
-            k_target, k_reference = F.linear(k_context.float(), w_k), F.linear(reference.float(), w_k)
-            losses.append(attention_loss(q, k_target, k_reference, module.heads, mask))
-        return eps, torch.stack(losses).mean() if losses else torch.zeros((), device=eps.device)
-
-
-def _fp32_weight(linear, device) -> torch.Tensor:
-    """A layer's weight as fp32 (from fp16, bf16 or fp8 storage) on `device`, with any host weight function applied."""
-    weight = linear.weight.to(device).float()
-    for function in getattr(linear, "weight_function", []):
-        weight = function(weight)
-    return weight.detach().clone()
-
-
 @contextlib.contextmanager
-def _hooks(modules, hook):
-    """Forward pre-hooks that exist only inside the `with` (removed even on cancel or error)."""
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def view_count(photos: int) -> int:
-    """Augmented views to encode: AUGMENTED_VIEWS, or one per photo when there are more. Not fewer for a short run:
-    the views must not depend on the steps, so that a continued run draws from the same views as one long run."""
-    return max(AUGMENTED_VIEWS, photos)
-
-
-def run_training(model, clip, vae, images, trigger: str, class_word: str, settings: TrainSettings,
-                 checkpointing: str = "auto", on_step=lambda step, losses: None, subject_masks=None,
-                 preview_every: int = 0, make_preview=None, resume=None) -> TrainResult:
-    """Trains an identity on clones of the host's model and CLIP (see train_on_clones). make_preview(trainer) gives
-    the on_preview callable for `preview_every`; resume: the TrainState of a run to continue
-    (sefi_core.train.train_tokens)."""
-    trainer = HostTrainer(model, clip, trigger, class_word, settings.attention_option, checkpointing == "on")
-
-    def prepare():
-        generator = torch.Generator().manual_seed(settings.seed)
-        samples = trainer.training_samples(images, vae, settings.resolution, view_count(len(images)), generator,
-                                           subject_masks)
-        trainer.find_loss_layers(samples[0][0])
-        on_preview = make_preview(trainer) if make_preview and preview_every else (lambda *args: None)
-        return samples, on_preview
-
-    def train(prepared):
-        samples, on_preview = prepared
-        return train_tokens(settings, trainer.class_embedding, samples, trainer.encode_kv, trainer.denoise, on_step,
-                            device=trainer.device, compute_dtype=trainer.dtype, preview_every=preview_every,
-                            on_preview=on_preview, resume=resume)
-
-    return train_on_clones(trainer, trainer.checkpointing, checkpointing, settings.resolution, "SeFi Train Identity",
-                           prepare, train)
-
-
-def train_on_clones(clones: TrainingClones, gradient_checkpointing: GradientCheckpointing, mode: str, resolution: int,
-                    node: str, prepare, train):
-    """The run both systems' training shares: the clones loaded, prepare() once, then train(prepared); the host
-    model's flags come back and what training loaded is given back, whether it ends, fails or is cancelled. Out of
-    memory in mode 'auto', train() starts again with gradient checkpointing on; any other allocation failure says
-    what to do (OutOfMemory)."""
-    # frozen() outside: the executor's inference mode is the only place the flags may be set back. The training clones'
-    # modules are the host's own, or under dynamic VRAM a reloaded copy of them: either way, those are the ones to freeze.
-    with frozen(clones.model.model, clones.clip.cond_stage_model), torch.inference_mode(False), torch.enable_grad():
+def training_session(clones: TrainingClones, grad: bool = True):
+    """The clones loaded for a run, with the host's weights frozen and, inside, plain (not inference) tensors and
+    autograd on (off with grad=False); the flags come back and the clones are given back however the run ends.
+    `frozen` runs in inference mode, the only place the flags of the executor's inference tensors may be set, so the
+    session enters it first (a no-op inside a node, which the executor runs in it). The training clones' modules are
+    the host's own, or under dynamic VRAM a reloaded copy of them: either way, those are the ones to freeze."""
+    with torch.inference_mode(), frozen(clones.model.model, clones.clip.cond_stage_model), \
+            torch.inference_mode(False), torch.set_grad_enabled(grad):
         try:
             clones.load()
+            yield clones
+        finally:
+            clones.release()
+
+
+def train_on_clones(clones: TrainingClones, mode: str, resolution: int, prepare, train):
+    """The run both systems' training shares: in a training session, prepare() once, then train(prepared). Out of
+    memory in mode 'auto', train() starts again with gradient checkpointing on; any allocation failure, also while
+    loading or preparing, says what to do (OutOfMemory)."""
+    try:
+        with training_session(clones):
             prepared = prepare()
             while True:
                 try:
                     return train(prepared)
                 except Exception as error:
-                    if not (is_out_of_memory(error) and mode == "auto" and not gradient_checkpointing.enabled):
+                    if not (is_out_of_memory(error) and mode == "auto" and not clones.checkpointing.enabled):
                         raise
                 # Out of memory in 'auto': start again with checkpointing, outside the except block so that the
                 # failed step's tensors can be freed first.
-                log.warning("%s: out of GPU memory at %d px; starting again with gradient checkpointing.", node,
-                            resolution)
-                gradient_checkpointing.enabled = True
+                log.warning("%s: out of GPU memory at %d px; starting again with gradient checkpointing.",
+                            clones.node, resolution)
+                clones.checkpointing.enabled = True
                 comfy.model_management.soft_empty_cache()
-        except Exception as error:  # loading, encoding the photos, or a step: every allocation failure says what to do
-            if is_out_of_memory(error):
-                raise OutOfMemory(resolution, gradient_checkpointing.enabled, node) from None
-            raise
-        finally:
-            clones.release()
+    except Exception as error:
+        if is_out_of_memory(error):
+            raise OutOfMemory(resolution, clones.checkpointing.enabled, clones.node) from None
+        raise
 
 
 class OutOfMemory(RuntimeError):
-    def __init__(self, resolution: int, checkpointing: bool, node: str = "SeFi Train Identity"):
+    def __init__(self, resolution: int, checkpointing: bool, node: str):
         advice = "close other programs using the GPU" if checkpointing else \
             "set 'gradient_checkpointing' to 'on' (or 'auto')"
         super().__init__(f"{node} ran out of GPU memory at {resolution} px with gradient checkpointing "

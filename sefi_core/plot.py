@@ -1,5 +1,5 @@
-"""Pictures an artist reads at a glance: the training loss curve, and the shared pieces (a scalable font,
-nice axis ticks) the attention preview uses too."""
+"""Pictures an artist reads at a glance: every training's loss curve, the strip of SeFi's training previews, and the
+shared pieces (a scalable font, nice axis ticks) SeFi's attention preview uses too."""
 from __future__ import annotations
 
 import math
@@ -48,8 +48,8 @@ def _label(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.2e}"
 
 
-def loss_curve_image(losses: list[float], total_steps: int | None = None, width: int = 768,
-                     height: int = 432) -> np.ndarray:
+def loss_curve_image(losses: list[float], total_steps: int | None = None, title: str = "Training loss",
+                     width: int = 768, height: int = 432) -> np.ndarray:
     """(height, width, 3) float32 in 0-1: the raw loss per step in grey, its smoothed value in blue over it, axes
     with step numbers and loss values, and the final smoothed loss in the title."""
     total = total_steps or len(losses)
@@ -60,7 +60,7 @@ def loss_curve_image(losses: list[float], total_steps: int | None = None, width:
     finite = values[np.isfinite(values)]
     left, right, top, bottom = 78, width - 24, 54, height - 52
     smooth = smoothed(values, smoothing_span(total)) if len(values) else values
-    title = f"SeFi training loss, {len(values)} steps"
+    title = f"{title}, {len(values)} steps"
     if len(values):
         title += f": smoothed {smooth[-1]:.4f} at the end"
     draw.text((left, 14), title, fill=INK, font=title_font)

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 
 import torch
 
-from .files import read_safetensors, save_atomically
+from .files import format_metadata, read_versioned, save_atomically
 
 FORMAT_NAME = "sefi-training-state"
 FORMAT_VERSION = 1
@@ -62,26 +63,20 @@ def save_train_state(state: TrainState, path: str) -> str:
         tensors[f"adam.{index}.step"] = torch.as_tensor(moments["step"]).reshape(1)  # safetensors has no 0-d
     tensors["generator"] = state.generator
     tensors["losses"] = torch.tensor(state.losses, dtype=torch.float32)
-    metadata = {"sefi.format": FORMAT_NAME, "sefi.format_version": str(FORMAT_VERSION),
-                "sefi.steps_done": str(state.steps_done), "sefi.settings": json.dumps(state.settings, sort_keys=True),
+    metadata = {**format_metadata(FORMAT_NAME, FORMAT_VERSION), "sefi.steps_done": str(state.steps_done),
+                "sefi.settings": json.dumps(state.settings, sort_keys=True),
                 "sefi.scaler": json.dumps(state.scaler, sort_keys=True), "sefi.tokens": state.tokens,
                 "sefi.photos": state.photos}
     return save_atomically(tensors, metadata, path)
 
 
-SEFI_ADVICE = "Delete it and train the identity anew (with keep_training_state on) to continue it later."
-
-
-def load_train_state(path: str, advice: str = SEFI_ADVICE) -> TrainState:
-    meta, tensors = read_safetensors(path, TrainStateError, advice)
-    name = path.replace("\\", "/").rsplit("/", 1)[-1]
-    if meta.get("sefi.format") != FORMAT_NAME:
-        raise TrainStateError(f"{name} is not a training state of this pack (no 'sefi.format' metadata). {advice}")
+def load_train_state(path: str, advice: str) -> TrainState:
+    """The state in `path`; a missing, damaged or foreign file raises TrainStateError naming it, then `advice` (what
+    the node that reads it can do: start its training anew)."""
+    _, meta, tensors = read_versioned(path, FORMAT_NAME, FORMAT_VERSION, TrainStateError,
+                                      "a training state of this pack", advice, advice)
+    name = os.path.basename(path)
     try:
-        version = int(meta["sefi.format_version"])
-        if version > FORMAT_VERSION:
-            raise TrainStateError(f"{name} has format version {version}; this pack reads up to {FORMAT_VERSION}. "
-                                  "Update the node pack.")
         count = 1 + max((int(k.split(".")[1]) for k in tensors if k.startswith("adam.")), default=-1)
         adam = [{key: tensors[f"adam.{i}.{key}"] for key in ADAM_KEYS} for i in range(count)]
         adam = [{**m, "step": m["step"].reshape(())} for m in adam]
@@ -91,8 +86,6 @@ def load_train_state(path: str, advice: str = SEFI_ADVICE) -> TrainState:
             generator=tensors["generator"], scaler=json.loads(meta["sefi.scaler"]),
             losses=tensors["losses"].tolist(), tokens=meta["sefi.tokens"], photos=meta.get("sefi.photos", ""))
     except (KeyError, ValueError, TypeError) as e:
-        if isinstance(e, TrainStateError):
-            raise
         raise TrainStateError(f"{name} is damaged ({type(e).__name__}: {e}). {advice}") from None
     if not (isinstance(state.settings, dict) and state.steps_done == len(state.losses) and state.weights and adam):
         raise TrainStateError(f"{name} is damaged (its steps, losses and weights do not agree). {advice}")

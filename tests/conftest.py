@@ -1,37 +1,16 @@
-"""Shared fixtures. Host-free tests import `sefi_core` directly; host tests use the `host` fixture,
-which needs a real ComfyUI checkout named by $COMFYUI_PATH and is skipped without one."""
+"""Shared fixtures. Host-free tests (tests/core) import `sefi_core` directly; host tests (tests/host) use the `host`
+fixture, which needs a real ComfyUI checkout named by $COMFYUI_PATH and is skipped without one (under CI it fails)."""
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 from sefi_testkit.comfy_env import ENV_VAR, find_comfyui
+from sefi_testkit.pack import REPO_ROOT, prepare
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 TESTS_DIR = REPO_ROOT / "tests"
-
-
-def _drop_repo_root_from_sys_path() -> None:
-    # `python -m pytest` puts the working directory on sys.path; from the repo root that makes
-    # the pack's `nodes/` package shadow ComfyUI's `nodes` module.
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT]
-
-
-def _register_sefi_core() -> None:
-    """Make `import sefi_core` load the repo's sefi_core/ without the repo root on sys.path."""
-    if "sefi_core" in sys.modules:
-        return
-    package_dir = REPO_ROOT / "sefi_core"
-    spec = importlib.util.spec_from_file_location(
-        "sefi_core", package_dir / "__init__.py", submodule_search_locations=[str(package_dir)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sefi_core"] = module
-    spec.loader.exec_module(module)
 
 
 def _share_the_cores() -> None:
@@ -43,8 +22,7 @@ def _share_the_cores() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
-_drop_repo_root_from_sys_path()
-_register_sefi_core()
+prepare()  # sefi_core importable, the repository root off sys.path (sefi_testkit/pack.py)
 _share_the_cores()
 
 
@@ -78,8 +56,9 @@ def running_under_ci() -> bool:
 
 # The longest test files on 2 CPU cores, longest first. Under pytest-xdist (`-n 2 --dist loadfile`) they are handed
 # out first, so that the two workers end together instead of one running the longest file alone at the end.
-LONGEST_FILES = ("test_half_precision.py", "test_train_identity.py", "test_pva_train_encoder.py",
-                 "test_pva_fine_tune.py", "test_workflows.py", "test_training_matches_apply.py")
+LONGEST_FILES = ("host/sefi/test_half_precision.py", "host/sefi/test_train_identity.py",
+                 "host/pva/test_train_encoder.py", "host/pva/test_fine_tune.py", "host/test_workflows.py",
+                 "host/sefi/test_training_matches_apply.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -89,7 +68,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.host)
     if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
         rank = {name: k for k, name in enumerate(LONGEST_FILES)}
-        items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))  # stable: file order kept otherwise
+        key = lambda item: rank.get(Path(item.path).relative_to(TESTS_DIR).as_posix(), len(LONGEST_FILES))
+        items.sort(key=key)  # stable: file order kept otherwise
 
 
 @pytest.fixture(scope="session")

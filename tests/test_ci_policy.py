@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-HOST_TEST = "tests/test_host_harness.py::test_tiny_checkpoint_gives_finite_conditioning"
+HOST_TEST = "tests/host/test_harness.py::test_tiny_checkpoint_gives_finite_conditioning"
 
 
 def run_pytest(*args, **env):
@@ -32,7 +32,7 @@ def test_missing_host_skips_with_its_reason_elsewhere():
 
 
 def test_host_marker_selects_the_host_free_part():
-    result = run_pytest("tests/test_core_stages.py", HOST_TEST, "-q", "-m", "not host")
+    result = run_pytest("tests/core/sefi/test_stages.py", HOST_TEST, "-q", "-m", "not host")
     assert result.returncode == 0, result.stdout
     assert "1 deselected" in result.stdout and "skipped" not in result.stdout
 

@@ -1,4 +1,4 @@
-"""Parallel visual attention (PVA paper §3; ../shared/notes/pva.md): in each cross-attention layer, beside the text's
+"""Parallel visual attention (Xu et al., WACV 2024, §3): in each cross-attention layer, beside the text's
 Q, K, V, visual projections Q', K', V' (each starting as a copy of the layer's own), and ONE softmax over the text keys
 and the visual keys together, the output projection shared:
 

@@ -5,7 +5,7 @@ face box (the recognizer's crop region), a box given as fractions of the photo, 
 beside a photo too: `photo.txt` (e.g. CelebA-Dialog's for CelebA-HQ); the paper prompts half the samples with it.
 A folder of random masks (MaskBank) may widen every sample's face region, as the authors join one to each region.
 
-Each training sample is drawn as the authors draw it (../shared/notes/pva.md): a person, one of their photos as the
+Each training sample is drawn as the authors draw it (their training dataset class): a person, one of their photos as the
 target, and 1-5 of their other photos as the references (a random count), plus a flipped copy of the last reference
 20% of the time. Photos are read when drawn: a dataset of thousands of people never sits in memory.
 """

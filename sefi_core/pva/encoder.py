@@ -1,4 +1,4 @@
-"""PVA's identity encoder (paper §3.2; notes: `../shared/notes/pva.md`): the face features of 1-5 reference photos and
+"""PVA's identity encoder (paper §3.2, as the authors build it): the face features of 1-5 reference photos and
 10 learned queries, through one linear layer and a 4-layer transformer encoder, become 10 visual tokens of the context
 width. The references carry no position, so their order does not matter; the tokens get a learned position (from 0).
 """

@@ -4,7 +4,7 @@ After the per-identity fine-tune the encoder and recognizer are frozen, so the 1
 stored; beside them the fine-tuned visual projections of every cross-attention layer (W'_q, W'_k, W'_v; ~31.6M numbers
 for SD1.5, ~63 MB in fp16) and the learned word of "photo of a S* person". Versioned metadata: the base model's
 fingerprint, the recognizer and encoder it came from, the trigger and the settings. Validated on load like SeFi
-identities (sefi_core/identity.py); never unpickled.
+identities (sefi_core/sefi/identity.py); never unpickled.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..files import read_safetensors, save_atomically
-from ..identity import validate_trigger
+from ..files import format_metadata, read_versioned, save_atomically
+from ..names import InvalidName, validate_trigger
 from .attention import VisualProjections
 
 FORMAT_NAME = "pva-identity"
@@ -56,7 +56,10 @@ class PVAIdentity:
         if not all(torch.isfinite(t).all() for t in tensors):
             raise PVAIdentityError("The PVA identity holds NaN or infinite numbers; fine-tune it again (a lower "
                                    "learning rate usually helps).")
-        self.trigger = validate_trigger(self.trigger)
+        try:
+            self.trigger = validate_trigger(self.trigger)
+        except InvalidName as e:
+            raise PVAIdentityError(str(e)) from None
 
 
 def projection_tensors(projections: dict[str, VisualProjections]) -> dict[str, torch.Tensor]:
@@ -82,24 +85,18 @@ def save_pva_identity(identity: PVAIdentity, path: str, overwrite: bool = False)
                                "name, or switch 'overwrite' on to replace it.")
     tensors = {"pva.visual_tokens": identity.visual_tokens.float(), "pva.word": identity.word.float(),
                **projection_tensors(identity.projections)}
-    metadata = {"sefi.format": FORMAT_NAME, "sefi.format_version": str(FORMAT_VERSION),
-                "pva.trigger": identity.trigger, "pva.base_model": identity.base_model,
-                "pva.recognizer": identity.recognizer, "pva.encoder": identity.encoder,
+    metadata = {**format_metadata(FORMAT_NAME, FORMAT_VERSION), "pva.trigger": identity.trigger,
+                "pva.base_model": identity.base_model, "pva.recognizer": identity.recognizer, "pva.encoder": identity.encoder,
                 "pva.settings": json.dumps(identity.settings, sort_keys=True)}
     return save_atomically(tensors, metadata, path)
 
 
 def load_pva_identity(path: str) -> PVAIdentity:
     name = os.path.basename(path)
-    meta, tensors = read_safetensors(path, PVAIdentityError, "Copy the PVA identity file again, or fine-tune it again.")
-    if meta.get("sefi.format") != FORMAT_NAME:
-        raise PVAIdentityError(f"{name} is a .safetensors file but not a PVA identity (no 'sefi.format' metadata "
-                               f"'{FORMAT_NAME}'). Only files made by PVA Fine-tune Identity go in models/pva_identities.")
+    _, meta, tensors = read_versioned(path, FORMAT_NAME, FORMAT_VERSION, PVAIdentityError, "a PVA identity",
+                                      "Copy the PVA identity file again, or fine-tune it again.",
+                                      "Only files made by PVA Fine-tune Identity go in models/pva_identities.")
     try:
-        version = int(meta["sefi.format_version"])
-        if version > FORMAT_VERSION:
-            raise PVAIdentityError(f"{name} has format version {version}; this pack reads up to {FORMAT_VERSION}. "
-                                   "Update the node pack.")
         return PVAIdentity(tensors["pva.visual_tokens"].float(), projections_from(tensors), tensors["pva.word"].float(),
                            meta["pva.trigger"], meta.get("pva.base_model", ""), meta.get("pva.recognizer", ""),
                            meta.get("pva.encoder", ""), json.loads(meta.get("pva.settings", "{}")))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..files import read_safetensors, save_atomically
+from ..files import format_metadata, read_versioned, save_atomically
 from .encoder import VISUAL_TOKENS, IdentityEncoder
 from .attention import VisualProjections
 from .face import FEATURE_DIM, IResNet, depth_of
@@ -66,7 +66,7 @@ def save_encoder(encoder: IdentityEncoder, path: str, recognizer: str, settings:
     shape = encoder_shape(encoder)
     # ArcFace-width encoders stay version 2, which older packs read; another width needs a pack that knows it
     version = 2 if shape["feature_dim"] == FEATURE_DIM else ENCODER_VERSION
-    metadata = {"sefi.format": ENCODER_FORMAT, "sefi.format_version": str(version), "pva.recognizer": recognizer,
+    metadata = {**format_metadata(ENCODER_FORMAT, version), "pva.recognizer": recognizer,
                 **{f"pva.{k}": str(v) for k, v in shape.items()}, "pva.settings": json.dumps(settings or {}, sort_keys=True)}
     tensors = {f"encoder.{k}": v.float() for k, v in encoder.state_dict().items()}
     tensors.update(projection_tensors(projections or {}))
@@ -79,15 +79,10 @@ def load_encoder(path: str) -> PVAEncoder:
     """The encoder in eval mode, with what was trained beside it."""
     name = os.path.basename(path)
     advice = "Copy the encoder file again, or train it again with PVA's encoder training."
-    meta, tensors = read_safetensors(path, PVAModelFileError, advice)
-    if meta.get("sefi.format") != ENCODER_FORMAT:
-        raise PVAModelFileError(f"{name} is not a PVA identity encoder (its format is {meta.get('sefi.format')!r}). "
-                                "Put PVA encoders in models/pva_encoders; PVA identities go in models/pva_identities.")
+    version, meta, tensors = read_versioned(
+        path, ENCODER_FORMAT, ENCODER_VERSION, PVAModelFileError, "a PVA identity encoder", advice,
+        "Put PVA encoders in models/pva_encoders; PVA identities go in models/pva_identities.")
     try:
-        version = int(meta["sefi.format_version"])
-        if version > ENCODER_VERSION:
-            raise PVAModelFileError(f"{name} has format version {version}; this pack reads up to {ENCODER_VERSION}. "
-                                    "Update the node pack.")
         shape = {k: int(meta[f"pva.{k}"]) for k in ("context_dim", "layers", "heads", "tokens")}
         feature_dim = int(meta.get("pva.feature_dim", FEATURE_DIM))  # versions 1-2: ArcFace's 512
         encoder = IdentityEncoder(shape["context_dim"], shape["layers"], shape["heads"], tokens=shape["tokens"],
@@ -100,8 +95,6 @@ def load_encoder(path: str) -> PVAEncoder:
         if word is not None and word.shape != (shape["context_dim"],):
             raise ValueError(f"its learned word has shape {tuple(word.shape)}")
         settings = json.loads(meta.get("pva.settings", "{}"))
-    except PVAModelFileError:
-        raise
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         raise PVAModelFileError(f"{name} is damaged or not an encoder this pack made ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0]}). {advice}") from None

@@ -1,4 +1,4 @@
-"""PVA's trainings (../shared/notes/pva.md), host-free: the per-identity fine-tune (paper §3.3), and below it the
+"""PVA's trainings (Xu et al., WACV 2024, §3.2-3.3), host-free: the per-identity fine-tune (paper §3.3), and below it the
 encoder training on a dataset of many people (paper §3.2), which shares its loss and its trainable identity.
 
 With the encoder and the face recognizer frozen, the 10 visual tokens of the person's photos are computed once (from
@@ -16,9 +16,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..stages import NUM_TRAIN_TIMESTEPS
-from ..train import check_continuation, loss_scaler, optimizer_moments, raise_first_failed, restore_optimizer
 from ..train_state import TrainState
+from ..training import (NUM_TRAIN_TIMESTEPS, check_continuation, loss_scaler, optimizer_moments, raise_first_failed,
+                        restore_optimizer)
 from .attention import VisualProjections
 from .face import face_crop
 
@@ -124,7 +124,7 @@ def fine_tune(settings: FineTuneSettings, identity: TrainableIdentity, samples: 
               on_step: Callable[[int, list[float]], None] = lambda step, losses: None,
               compute_dtype: torch.dtype = torch.float32) -> FineTuneResult:
     """denoise(latents, noise, timesteps, concat, word) -> eps, differentiable in the word and in the projections of
-    `identity` (which the caller's UNet patch uses). fp16 compute gets loss scaling, as SeFi training does."""
+    `identity` (which the caller's UNet patch uses). fp16 compute gets loss scaling (sefi_core/training.py)."""
     if not samples:
         raise ValueError("the fine-tune needs at least one photo")
     generator = torch.Generator().manual_seed(settings.seed)

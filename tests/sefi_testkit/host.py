@@ -7,6 +7,7 @@ flag), so there can be one Host per process.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import inspect
 import logging
 import shutil
@@ -254,6 +255,11 @@ class Host:
         )
 
     # -- models and nodes ------------------------------------------------------------------------
+
+    def module(self, name: str):
+        """One of the loaded pack's modules, e.g. module("nodes.sefi.training"): the code the host runs (the suite's
+        own `import sefi_core` is a second copy, fine for host-free helpers, not for patching or isinstance)."""
+        return importlib.import_module(f"{self.pack.__name__}.{name}")
 
     def node(self, name: str) -> type:
         """A node class as registered with the host (the pack's own module copy, not a re-import)."""

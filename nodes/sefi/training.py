@@ -1,0 +1,175 @@
+"""SeFi's training through the host: the callables `sefi_core.sefi.train.train_tokens` needs, on the training clones
+both systems share (nodes/training.py), and the run SeFi Train Identity starts.
+
+The face-wise attention loss is computed in fp32 from fp32 contexts, outside the UNet: its gradient is ~1e-3 of L_KV's
+and would vanish in fp16.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import comfy.patcher_extension
+
+from ...sefi_core.images import as_rgb, center_square
+from ...sefi_core.sefi.augment import augment, subject_square
+from ...sefi_core.sefi.losses import attention_loss, token_mask
+from ...sefi_core.sefi.train import PROMPT_TEMPLATES, TrainResult, TrainSettings, train_tokens
+from ..clip_tokens import word_embedding
+from ..training import TRIGGER_SLOT, TrainingClones, forward_pre_hooks, fp32_weight, train_on_clones
+from .patches import OPTIONS_KEY, StageKVInjector
+
+NODE = "SeFi Train Identity"
+AUGMENTED_VIEWS = 32  # augmented copies VAE-encoded once up front, then drawn at random each step
+
+
+class HostTrainer(TrainingClones):
+    """The host-specific callables `train_tokens` needs, built on resident clones of the inputs."""
+
+    def __init__(self, model, clip, trigger: str, class_word: str, attention_option: str,
+                 gradient_checkpointing: bool = False):
+        super().__init__(model, clip, trigger, NODE, gradient_checkpointing)
+        self.attention_option = attention_option
+        self.class_embedding = word_embedding(clip, class_word)
+        self._references, self._masks = {}, {}
+        self.loss_layers: list = []
+        self._loss_weights: dict = {}  # loss layer -> fp32 (to_q, to_k) weights
+
+    def release(self) -> None:
+        super().release()
+        self._references.clear()
+        self._loss_weights.clear()
+
+    # -- data ------------------------------------------------------------------------------------
+
+    def training_samples(self, images, vae, resolution: int, count: int, generator, subject_masks=None) -> list:
+        """`count` augmented views, VAE-encoded once up front, the photos (a batch, or a list of (H, W, C) of any
+        sizes) used in turn, so each gets an equal share of the views and, drawn uniformly, of the steps. With subject
+        masks (one per photo, or one for all), each square follows its mask and the loss weights it."""
+        if subject_masks is None:
+            squares = [(center_square(as_rgb(image), resolution), None) for image in images]
+        else:
+            squares = [subject_square(as_rgb(image), subject_masks[k % len(subject_masks)], resolution)
+                       for k, image in enumerate(images)]
+        samples = []
+        for k in range(count):
+            square, subject = squares[k % len(squares)]
+            pixels, mask = augment(square, generator, subject)
+            with torch.no_grad():
+                latent = vae.encode(pixels.permute(1, 2, 0).unsqueeze(0))
+                latent = self.model.model.process_latent_in(latent).to(self.device)
+            weights = F.adaptive_avg_pool2d(mask[None, None], latent.shape[-2:])
+            # The placement box alone is cut at half a latent pixel; a subject mask keeps its soft edges.
+            weights = (weights > 0.5).float() if subject is None else weights
+            samples.append((latent.float(), weights.to(self.device)))
+        return samples
+
+    # -- prompts ---------------------------------------------------------------------------------
+
+    def _template(self, index: int) -> list:
+        return self.marked_prompt(PROMPT_TEMPLATES[index].format(self.trigger))
+
+    def _with_token(self, index: int, token: torch.Tensor) -> list:
+        return self.with_token(PROMPT_TEMPLATES[index].format(self.trigger), token)
+
+    def encode_kv(self, index: int, k_token: torch.Tensor, v_token: torch.Tensor):
+        cond = self.clip.encode_from_tokens({"l": self._with_token(index, k_token) + self._with_token(index, v_token)})
+        length = cond.shape[1] // 2
+        return cond[:, :length].to(self.device), cond[:, length:].to(self.device)
+
+    def reference(self, index: int) -> torch.Tensor:
+        """The reference prompt: the template with the class word in the trigger's slot (its embedding, as Apply's
+        class-word prompt has it, so that token positions match even for a class word of several tokens)."""
+        if index not in self._references:
+            with torch.no_grad():
+                tokens = {"l": self._with_token(index, self.class_embedding)}
+                self._references[index] = self.clip.encode_from_tokens(tokens).to(self.device)
+        return self._references[index]
+
+    def _token_mask(self, index: int):
+        if index not in self._masks:
+            chunk = self._template(index)[0]
+            slots = [i for i, e in enumerate(chunk) if e[0] is TRIGGER_SLOT]
+            end = next(i for i, e in enumerate(chunk) if e[0] == self.tokenizer.clip_l.end_token)
+            self._masks[index] = token_mask(self.attention_option, len(chunk), slots, end)
+        return self._masks[index]
+
+    # -- UNet ------------------------------------------------------------------------------------
+
+    def find_loss_layers(self, latent: torch.Tensor) -> None:
+        """The cross-attention layers at half the latent size (32x32 at 512 px, as in Algorithm 1), or the
+        nearest size a model has; found with one forward pass."""
+        sizes = {}
+        modules = [m for name, m in self.model.model.diffusion_model.named_modules() if name.endswith("attn2")]
+
+        def record(module, args, kwargs):
+            sizes[module] = args[0].shape[1]
+
+        target = (latent.shape[-2] // 2) * (latent.shape[-1] // 2)
+        with torch.no_grad(), forward_pre_hooks(modules, record):
+            context = self.reference(0)
+            self._apply(latent, torch.zeros_like(latent), 500, context, context)
+        best = min(abs(n - target) for n in sizes.values())
+        self.loss_layers = [m for m, n in sizes.items() if abs(n - target) == best]
+        self._loss_weights = {m: (fp32_weight(m.to_q, self.device), fp32_weight(m.to_k, self.device))
+                              for m in self.loss_layers}
+
+    def _apply(self, latent, noise, t, k_context, v_context):
+        sigma = self.sampling.sigma(torch.tensor([float(t)], device=self.device))
+        x = self.sampling.noise_scaling(sigma, noise, latent)
+        k_context, v_context = k_context.to(self.dtype), v_context.to(self.dtype)  # SDPA wants one dtype
+        options = {"patches": {"attn2_patch": [StageKVInjector()]}, OPTIONS_KEY: (k_context, v_context, None),
+                   "wrappers": {comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: {"sefi_train": [self.checkpointing]}}}
+        denoised = self.model.model.apply_model(x, sigma, c_crossattn=k_context, transformer_options=options)
+        return (x - denoised.float()) / sigma.view(-1, 1, 1, 1)
+
+    def denoise(self, latent, noise, t, k_context, v_context, index):
+        """(eps prediction, face-wise attention loss). The loss layers' inputs are recorded during the forward and
+        the loss is computed afterwards in fp32: queries from those inputs (no gradient: the loss constrains the
+        K path, paper Algorithm 1), keys from the fp32 K context and from the reference prompt."""
+        inputs = []
+
+        def record_input(module, args, kwargs):
+            inputs.append((module, args[0].detach()))
+
+        with forward_pre_hooks(self.loss_layers, record_input):
+            eps = self._apply(latent, noise, t, k_context, v_context)
+        reference, mask = self.reference(index), self._token_mask(index)
+        losses = []
+        for module, x in inputs:
+            w_q, w_k = self._loss_weights[module]
+            q = F.linear(x.float(), w_q)
+            k_target, k_reference = F.linear(k_context.float(), w_k), F.linear(reference.float(), w_k)
+            losses.append(attention_loss(q, k_target, k_reference, module.heads, mask))
+        return eps, torch.stack(losses).mean() if losses else torch.zeros((), device=eps.device)
+
+
+def view_count(photos: int) -> int:
+    """Augmented views to encode: AUGMENTED_VIEWS, or one per photo when there are more. Not fewer for a short run:
+    the views must not depend on the steps, so that a continued run draws from the same views as one long run."""
+    return max(AUGMENTED_VIEWS, photos)
+
+
+def run_training(model, clip, vae, images, trigger: str, class_word: str, settings: TrainSettings,
+                 checkpointing: str = "auto", on_step=lambda step, losses: None, subject_masks=None,
+                 preview_every: int = 0, make_preview=None, resume=None) -> TrainResult:
+    """Trains an identity on clones of the host's model and CLIP (nodes/training.py: train_on_clones).
+    make_preview(trainer) gives the on_preview callable for `preview_every`; resume: the TrainState of a run to
+    continue (train_tokens)."""
+    trainer = HostTrainer(model, clip, trigger, class_word, settings.attention_option, checkpointing == "on")
+
+    def prepare():
+        generator = torch.Generator().manual_seed(settings.seed)
+        samples = trainer.training_samples(images, vae, settings.resolution, view_count(len(images)), generator,
+                                           subject_masks)
+        trainer.find_loss_layers(samples[0][0])
+        on_preview = make_preview(trainer) if make_preview and preview_every else (lambda *args: None)
+        return samples, on_preview
+
+    def train(prepared):
+        samples, on_preview = prepared
+        return train_tokens(settings, trainer.class_embedding, samples, trainer.encode_kv, trainer.denoise, on_step,
+                            device=trainer.device, compute_dtype=trainer.dtype, preview_every=preview_every,
+                            on_preview=on_preview, resume=resume)
+
+    return train_on_clones(trainer, checkpointing, settings.resolution, prepare, train)

@@ -1,0 +1,166 @@
+"""The shipped workflows: they load against the real host's registry (types exist, links type-check, widget values
+are valid) and their API form runs end to end on the suite's small checkpoint."""
+import asyncio
+import json
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sefi_core.sefi.identity import Identity, save_identity
+from sefi_testkit.frontends import FRONTENDS, TITLE
+from sefi_testkit.pva import write_pva_identity
+from sefi_testkit.workflow_format import VIRTUAL_NODES, combo_errors, link_type_errors, to_api
+
+WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
+# The user's own files, picked in the UI, and the suite's stand-ins (the random recognizer and encoder of pva_files).
+USER_FILES = {"ckpt_name": "tiny.safetensors", "image": "astronaut.png", "recognizer_file": "r18.safetensors",
+              "encoder_file": "random.safetensors"}
+# Which workflow or node makes each file a workflow loads, as its first Note must say.
+MADE_BY = {"SefiLoadIdentity": "workflow 1_train_and_generate", "PVALoadIdentity": "workflow 6_pva_face_inpainting",
+           "PVALoadEncoder": "PVA Train Encoder", "PVALoadFaceRecognizer": "face_recognizers"}
+
+
+def load(path):
+    return json.loads(path.read_text())
+
+
+def test_all_seven_workflows_ship():
+    assert [p.stem for p in WORKFLOWS] == ["1_train_and_generate", "2_saved_identity_prompts", "3_two_identities",
+                                          "4_face_inpainting", "5_attention_preview", "6_pva_face_inpainting",
+                                          "7_sefi_vs_pva"]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_loads_against_the_host_registry(host, path, pva_files):
+    workflow, registry = load(path), host.nodes.NODE_CLASS_MAPPINGS
+    types = {n["type"] for n in workflow["nodes"]}
+    assert types - VIRTUAL_NODES <= set(registry), f"unknown node types {types - VIRTUAL_NODES - set(registry)}"
+    assert "Note" in types, "every workflow explains its steps in Note nodes"
+    assert link_type_errors(workflow, registry) == []
+    assert combo_errors(to_api(workflow, registry), registry) == []
+    prompt = small(to_api(workflow, registry))
+    make_identities(host)
+    host.checkpoint("tiny")
+    host.checkpoint("tiny_inpaint")
+    ok, error, _, node_errors = asyncio.run(host.execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+    assert ok, (error, node_errors)
+
+
+def small(prompt, mask_image=None):
+    """The user's files swapped for the suite's, sizes and step counts made small."""
+    for node in prompt.values():
+        inputs = node["inputs"]
+        for name, value in USER_FILES.items():
+            if name in inputs and isinstance(inputs[name], str):
+                inpainting = name == "ckpt_name" and "inpainting" in inputs[name]
+                inputs[name] = (mask_image if name == "image" and mask_image else
+                                "tiny_inpaint.safetensors" if inpainting else value)
+        if node["class_type"] == "EmptyLatentImage":
+            inputs.update(width=64, height=64)
+        if node["class_type"] == "KSampler":
+            inputs.update(steps=2)
+        if node["class_type"] in ("SefiTrainIdentity", "PVAFineTuneIdentity"):
+            inputs.update(steps=2, resolution=64, overwrite=True)
+        if node["class_type"] == "SefiAttentionMapPreview":
+            inputs.update(layers="all layers")  # the tiny model has no 1/2-latent layers
+    return prompt
+
+
+def make_identities(host):
+    g = torch.Generator().manual_seed(0)
+    for name, trigger in (("my_identity", "sks"), ("friend", "zwx")):
+        path = host.identity_dir / f"{name}.safetensors"
+        if not path.exists():
+            save_identity(Identity(torch.randn(5, 768, generator=g) * 0.02, torch.randn(5, 768, generator=g) * 0.02,
+                                   trigger), path)
+    if not (host.pva_identity_dir / "my_pva_identity.safetensors").exists():
+        write_pva_identity(host, "my_pva_identity.safetensors")
+
+
+def face_mask_image(host) -> str:
+    """astronaut.png at 128 px (the inpainting graphs sample and decode at the photo's size) with the face made
+    transparent: LoadImage turns transparency into the mask."""
+    rgba = np.array(Image.open(host.input_dir / "astronaut.png").convert("RGBA").resize((128, 128)))
+    rgba[15:58, 37:83, 3] = 0
+    Image.fromarray(rgba).save(host.input_dir / "astronaut_face_masked.png")
+    return "astronaut_face_masked.png"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_runs_end_to_end(host, path, pva_files):
+    make_identities(host)
+    prompt = small(to_api(load(path), host.nodes.NODE_CLASS_MAPPINGS), mask_image=face_mask_image(host))
+    result = host.run(prompt)
+    assert result.success, result.error or result.node_errors
+    images = [i for out in result.outputs.values() for i in out.get("images", [])]
+    assert images, "the workflow produced no image"
+
+
+MIN_SCALE = 0.8
+
+
+def rect(node):
+    (x, y), (w, h) = node["pos"], node["size"]
+    return x, y - TITLE, x + w, y + h
+
+
+def screen_rect(box, view, frontend):
+    """Where a graph rectangle is drawn on the page under the saved view."""
+    (cx, cy), scale, (ox, oy) = frontend["canvas"], view["scale"], view["offset"]
+    x0, y0, x1, y1 = box
+    return cx + (x0 + ox) * scale, cy + (y0 + oy) * scale, cx + (x1 + ox) * scale, cy + (y1 + oy) * scale
+
+
+def margin(box, frontend) -> float:
+    """Page pixels between a drawn rectangle and the nearest covered or off-canvas pixel; negative: hidden."""
+    x0, y0, x1, y1 = box
+    left, top, right, bottom = frontend["visible"]
+    gaps = [x0 - left, y0 - top, right - x1, bottom - y1]
+    gaps += [max(cx0 - x1, x0 - cx1, cy0 - y1, y0 - cy1) for cx0, cy0, cx1, cy1 in frontend["covered"]]
+    return min(gaps)
+
+
+def view_margins(workflow, view=None) -> dict:
+    """(frontend version, node id) -> the node's margin when the workflow opens with `view` (default its saved one)."""
+    view = view or workflow["extra"]["ds"]
+    return {(version, n["id"]): margin(screen_rect(rect(n), view, frontend), frontend)
+            for version, frontend in FRONTENDS.items() for n in workflow["nodes"]}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("version", FRONTENDS)
+def test_workflow_opens_ready_to_read(path, version):
+    """Every node at least as big as the frontend draws it, none overlapping, the whole graph (Notes first) inside
+    the visible canvas of the saved view at 80% or more, every wire running left to right."""
+    workflow, frontend = load(path), FRONTENDS[version]
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    for node in nodes.values():
+        w, h = frontend["min_size"][node["type"]]
+        assert node["size"][0] >= w and node["size"][1] >= h, f"{node['type']} {node['id']} is smaller than drawn"
+    boxes = [(n["id"], rect(n)) for n in nodes.values()]
+    for i, (a, (ax0, ay0, ax1, ay1)) in enumerate(boxes):
+        for b, (bx0, by0, bx1, by1) in boxes[i + 1:]:
+            assert ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0, f"nodes {a} and {b} overlap"
+    view = workflow["extra"]["ds"]
+    assert view["scale"] >= MIN_SCALE
+    for node_id, box in boxes:
+        hidden = margin(screen_rect(box, view, frontend), frontend)
+        assert hidden >= 0, f"node {node_id} is {-hidden:g} px under a bar or off the canvas in {version}"
+    for link_id, source, _, target, *_ in workflow["links"]:
+        assert rect(nodes[source])[2] <= rect(nodes[target])[0], f"link {link_id} runs right to left"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS[1:], ids=lambda p: p.stem)
+def test_workflows_with_saved_files_say_which_and_how_to_make_them(path):
+    """The first Note names every file the workflow's loaders pick and what makes it."""
+    nodes = load(path)["nodes"]
+    notes = sorted((n for n in nodes if n["type"] == "Note"), key=lambda n: (n["pos"][1], n["pos"][0]))
+    loaded = {(n["type"], n["widgets_values"][0]) for n in nodes if n["type"] in MADE_BY}
+    first = notes[0]["widgets_values"][0]
+    assert loaded, "workflows 2-7 load saved files"
+    for node_type, file in loaded:
+        assert file in first and MADE_BY[node_type] in first, (node_type, file)
