@@ -48,7 +48,8 @@ def main() -> None:
 def benchmark_host(prefix: str):
     """The real host at $COMFYUI_PATH with the pack loaded, in a temporary work folder removed afterwards (its
     SD1.5-size checkpoints are 2 GB each)."""
-    import conftest  # noqa: F401  (registers sefi_core, keeps the repo root off sys.path)
+    from sefi_testkit import pack
+    pack.prepare()  # sefi_core importable, the repository root off sys.path
     from sefi_testkit.comfy_env import find_comfyui
     from sefi_testkit.host import Host
 
@@ -63,7 +64,7 @@ def benchmark_host(prefix: str):
 
 
 def measure(args, host) -> None:
-    import comfy_probe as probe
+    from sefi_testkit import probe
 
     model, clip, _ = host.load_checkpoint(host.checkpoint(args.preset))
     identity = probe.word_identity(clip, ["cat", "dog", "car", "tree", "house"], ["house", "tree", "car", "dog", "cat"])

@@ -39,20 +39,20 @@ def main():
     parser.add_argument("--every", type=int, default=250, help="preview_every")
     args = parser.parse_args()
 
-    import conftest  # noqa: F401  (registers sefi_core, keeps the repo root off sys.path)
+    from sefi_testkit import pack
+
+    pack.prepare()  # sefi_core importable, the repository root off sys.path
     from sefi_testkit.comfy_env import find_comfyui
     from sefi_testkit.host import Host
 
     host = Host(find_comfyui(), ROOT, tempfile.mkdtemp(prefix="sefi-bench-preview-"), data_dir=ROOT / "tests" / "data")
-    pack = host.pack.__name__
-    training, train = sys.modules[pack + ".nodes.training"], sys.modules[pack + ".sefi_core.train"]
-    preview_module, host_mod = sys.modules[pack + ".nodes.preview"], sys.modules[pack + ".nodes.clip_tokens"]
+    training, training_floor = host.module("nodes.sefi.training"), host.module("nodes.training")
+    train, host_mod = host.module("sefi_core.sefi.train"), host.module("nodes.clip_tokens")
+    preview_module = host.module("nodes.sefi.preview")
     model, clip, vae = host.load_checkpoint(host.checkpoint(args.preset))
     image = host.nodes.LoadImage().load_image("astronaut.png")[0]
     trainer = training.HostTrainer(model, clip, "sks", "person", "all")
-    with torch.inference_mode(), training.frozen(model.model, clip.cond_stage_model), \
-            torch.inference_mode(False), torch.enable_grad():
-        trainer.load()
+    with training_floor.training_session(trainer):
         samples = trainer.training_samples(image, vae, args.resolution, 2, torch.Generator().manual_seed(0))
         trainer.find_loss_layers(samples[0][0])
         cls = host_mod.word_embedding(clip, "person")
@@ -67,7 +67,6 @@ def main():
         step(), preview(1, tokens, tokens)  # warm-up
         step_s = timed(step) / 2
         preview_s = timed(lambda: preview(2, tokens, tokens))
-        trainer.release()
     previews = args.steps // args.every
     share = previews * preview_s / (args.steps * step_s + previews * preview_s)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"

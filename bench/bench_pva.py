@@ -17,7 +17,6 @@ downloaded), runs the real host. Absolute times are printed with the device they
 from __future__ import annotations
 
 import argparse
-import importlib
 import resource
 import statistics
 import sys
@@ -53,12 +52,10 @@ def main() -> None:
 
 
 def measure(args, host) -> None:
-    import comfy_probe as probe
+    from sefi_testkit import probe
     from bench_apply import timed
 
-    pack = host.pack.__name__
-    pva = importlib.import_module(f"{pack}.nodes.pva_patch")
-    attention = importlib.import_module(f"{pack}.sefi_core.pva.attention")
+    pva, attention = host.module("nodes.pva.patch"), host.module("sefi_core.pva.attention")
     model, clip, _ = host.load_checkpoint(host.checkpoint(args.preset))
     g = torch.Generator().manual_seed(0)
     projections = {name: attention.VisualProjections.copy_of(layer.to_q.weight, layer.to_k.weight, layer.to_v.weight)
@@ -90,53 +87,45 @@ def device_name(host) -> str:
 def measure_fine_tune(args, host) -> None:
     from bench_train import clock, synchronize
 
-    pack = host.pack.__name__
-    fine_tune = importlib.import_module(f"{pack}.nodes.pva_fine_tune")
-    training = importlib.import_module(f"{pack}.nodes.training")
-    pva = importlib.import_module(f"{pack}.nodes.pva_patch")
-    pva_train = importlib.import_module(f"{pack}.sefi_core.pva.train")
+    fine_tune, training, pva = host.module("nodes.pva.fine_tune"), host.module("nodes.training"), host.module("nodes.pva.patch")
+    pva_train, tuners = host.module("sefi_core.pva.train"), host.module("nodes.pva.training")
     model, clip, vae = host.load_checkpoint(host.checkpoint(args.inpaint_preset))
     image = host.nodes.LoadImage().load_image("astronaut.png")[0]
     squares = fine_tune.square_photos([image[0]], None, args.size)
     tokens = torch.randn(10, 768, generator=torch.Generator().manual_seed(0)) * 0.5
-    tuner = fine_tune.PVAFineTuner(model, clip, "sks", tokens)
+    tuner = tuners.PVAFineTuner(model, clip, "sks", tokens, "benchmark")
     settings = pva_train.FineTuneSettings(steps=args.steps, resolution=args.size)
-    with torch.inference_mode(), training.frozen(tuner.model.model, tuner.clip.cond_stage_model), \
-            torch.inference_mode(False), torch.enable_grad():
-        try:
-            tuner.load()
-            samples = tuner.samples(squares, vae)
-            sample = samples[0]
-            context = tuner.clip.encode_from_tokens({"l": tuner.with_token(tuner.prompt, tuner.initial_word)}).detach()
-            sampling = model.get_model_object("model_sampling")
-            layers = pva.cross_attention_layers(tuner.model).values()
-            patched_forwards = [layer.forward for layer in layers]
+    with training.training_session(tuner):
+        samples = tuner.samples(squares, vae)
+        sample = samples[0]
+        context = tuner.clip.encode_from_tokens({"l": tuner.with_token(tuner.prompt, tuner.initial_word)}).detach()
+        sampling = model.get_model_object("model_sampling")
+        layers = pva.cross_attention_layers(tuner.model).values()
+        patched_forwards = [layer.forward for layer in layers]
 
-            def plain_unet():  # forward+backward of the same batch of 2 to its input, PVA's forwards taken off
-                for layer in layers:
-                    layer.forward = types.MethodType(type(layer).forward, layer)
-                try:
-                    unet_forward_backward()
-                finally:
-                    for layer, forward in zip(layers, patched_forwards):
-                        layer.forward = forward
+        def plain_unet():  # forward+backward of the same batch of 2 to its input, PVA's forwards taken off
+            for layer in layers:
+                layer.forward = types.MethodType(type(layer).forward, layer)
+            try:
+                unet_forward_backward()
+            finally:
+                for layer, forward in zip(layers, patched_forwards):
+                    layer.forward = forward
 
-            def unet_forward_backward():
-                x = sample.latent.expand(2, -1, -1, -1).clone().requires_grad_(True)
-                sigma = sampling.sigma(torch.tensor([250.0, 750.0], device=x.device))
-                out = tuner.model.model.apply_model(x, sigma, c_concat=sample.concat.expand(2, -1, -1, -1).to(tuner.dtype),
-                                              c_crossattn=context.expand(2, -1, -1).to(tuner.device, tuner.dtype))
-                out.float().pow(2).mean().backward()
+        def unet_forward_backward():
+            x = sample.latent.expand(2, -1, -1, -1).clone().requires_grad_(True)
+            sigma = sampling.sigma(torch.tensor([250.0, 750.0], device=x.device))
+            out = tuner.model.model.apply_model(x, sigma, c_concat=sample.concat.expand(2, -1, -1, -1).to(tuner.dtype),
+                                          c_crossattn=context.expand(2, -1, -1).to(tuner.device, tuner.dtype))
+            out.float().pow(2).mean().backward()
 
-            run = lambda steps: pva_train.fine_tune(pva_train.FineTuneSettings(steps=steps, resolution=args.size),
-                                                     tuner.identity, samples, tuner.denoise,
-                                                     compute_dtype=tuner.dtype)
-            run(1), plain_unet()  # warm-up
-            synchronize()
-            step = clock(lambda: run(1), settings.steps)
-            plain = clock(plain_unet, settings.steps)
-        finally:
-            tuner.release()
+        run = lambda steps: pva_train.fine_tune(pva_train.FineTuneSettings(steps=steps, resolution=args.size),
+                                                 tuner.identity, samples, tuner.denoise,
+                                                 compute_dtype=tuner.dtype)
+        run(1), plain_unet()  # warm-up
+        synchronize()
+        step = clock(lambda: run(1), settings.steps)
+        plain = clock(plain_unet, settings.steps)
     print(f"device: {device_name(host)}; checkpoint preset {args.inpaint_preset} (random weights); {args.size}x{args.size} px; "
           f"batch of 2 timesteps; {tuner.dtype}")
     print(f"fine-tune step: {step:.3f} s; plain inpainting UNet forward+backward {plain:.3f} s; ratio {step / plain:.3f} "
@@ -147,53 +136,47 @@ def measure_fine_tune(args, host) -> None:
 def measure_encoder_training(args, host, timesteps: int = 4, references: int = 3) -> None:
     from bench_train import clock, synchronize
 
-    pack = host.pack.__name__
-    module = lambda name: importlib.import_module(f"{pack}.{name}")
-    fine_tune, training, pva = module("nodes.pva_fine_tune"), module("nodes.training"), module("nodes.pva_patch")
-    pva_train, face, encoder_module = module("sefi_core.pva.train"), module("sefi_core.pva.face"), module("sefi_core.pva.encoder")
+    fine_tune, training, pva = host.module("nodes.pva.fine_tune"), host.module("nodes.training"), host.module("nodes.pva.patch")
+    pva_train, face = host.module("sefi_core.pva.train"), host.module("sefi_core.pva.face")
+    encoder_module, tuners = host.module("sefi_core.pva.encoder"), host.module("nodes.pva.training")
     model, clip, vae = host.load_checkpoint(host.checkpoint(args.inpaint_preset))
     image = host.nodes.LoadImage().load_image("astronaut.png")[0]
     squares = fine_tune.square_photos([image[0]], None, args.size)
     torch.manual_seed(0)
     encoder, recognizer = encoder_module.IdentityEncoder(768), face.IResNet("r50")
-    tuner = fine_tune.PVAFineTuner(model, clip, "sks", torch.zeros(10, 768))
-    with torch.inference_mode(), training.frozen(tuner.model.model, tuner.clip.cond_stage_model), \
-            torch.inference_mode(False), torch.enable_grad():
-        try:
-            tuner.load()
-            sample = tuner.samples(squares, vae)[0]
-            photos = torch.nn.functional.interpolate(squares[0][0][None], (256, 256)).expand(references, -1, -1, -1)
-            drawn = pva_train.EncoderSample(sample, photos.to(tuner.device).contiguous())
-            trainables = pva_train.EncoderTrainables(encoder, recognizer, tuner.identity, 1)
-            context = tuner.clip.encode_from_tokens({"l": tuner.with_token(tuner.prompt, tuner.initial_word)}).detach()
-            sampling = model.get_model_object("model_sampling")
-            layers = pva.cross_attention_layers(tuner.model).values()
-            patched_forwards = [layer.forward for layer in layers]
+    tuner = tuners.PVAFineTuner(model, clip, "sks", torch.zeros(10, 768), "benchmark")
+    with training.training_session(tuner):
+        sample = tuner.samples(squares, vae)[0]
+        photos = torch.nn.functional.interpolate(squares[0][0][None], (256, 256)).expand(references, -1, -1, -1)
+        drawn = pva_train.EncoderSample(sample, photos.to(tuner.device).contiguous())
+        trainables = pva_train.EncoderTrainables(encoder, recognizer, tuner.identity, 1)
+        context = tuner.clip.encode_from_tokens({"l": tuner.with_token(tuner.prompt, tuner.initial_word)}).detach()
+        sampling = model.get_model_object("model_sampling")
+        layers = pva.cross_attention_layers(tuner.model).values()
+        patched_forwards = [layer.forward for layer in layers]
 
-            def plain_unet():  # forward+backward of the same batch to its input, PVA's forwards taken off
-                for layer in layers:
-                    layer.forward = types.MethodType(type(layer).forward, layer)
-                try:
-                    x = sample.latent.expand(timesteps, -1, -1, -1).clone().requires_grad_(True)
-                    sigma = sampling.sigma(torch.linspace(125.0, 875.0, timesteps, device=x.device))
-                    out = tuner.model.model.apply_model(
-                        x, sigma, c_concat=sample.concat.expand(timesteps, -1, -1, -1).to(tuner.dtype),
-                        c_crossattn=context.expand(timesteps, -1, -1).to(tuner.device, tuner.dtype))
-                    out.float().pow(2).mean().backward()
-                finally:
-                    for layer, forward in zip(layers, patched_forwards):
-                        layer.forward = forward
+        def plain_unet():  # forward+backward of the same batch to its input, PVA's forwards taken off
+            for layer in layers:
+                layer.forward = types.MethodType(type(layer).forward, layer)
+            try:
+                x = sample.latent.expand(timesteps, -1, -1, -1).clone().requires_grad_(True)
+                sigma = sampling.sigma(torch.linspace(125.0, 875.0, timesteps, device=x.device))
+                out = tuner.model.model.apply_model(
+                    x, sigma, c_concat=sample.concat.expand(timesteps, -1, -1, -1).to(tuner.dtype),
+                    c_crossattn=context.expand(timesteps, -1, -1).to(tuner.device, tuner.dtype))
+                out.float().pow(2).mean().backward()
+            finally:
+                for layer, forward in zip(layers, patched_forwards):
+                    layer.forward = forward
 
-            settings = pva_train.EncoderTrainingSettings(steps=1, batch_size=1, accumulation=1, timesteps=timesteps,
-                                                         resolution=args.size)
-            run = lambda: pva_train.train_encoder(settings, trainables, lambda g: drawn, tuner.denoise,
-                                                  compute_dtype=tuner.dtype)
-            run(), plain_unet()  # warm-up
-            synchronize()
-            step = clock(run, args.steps)
-            plain = clock(plain_unet, args.steps)
-        finally:
-            tuner.release()
+        settings = pva_train.EncoderTrainingSettings(steps=1, batch_size=1, accumulation=1, timesteps=timesteps,
+                                                     resolution=args.size)
+        run = lambda: pva_train.train_encoder(settings, trainables, lambda g: drawn, tuner.denoise,
+                                              compute_dtype=tuner.dtype)
+        run(), plain_unet()  # warm-up
+        synchronize()
+        step = clock(run, args.steps)
+        plain = clock(plain_unet, args.steps)
     paper = 8 * 50_000 * step
     print(f"device: {device_name(host)}; checkpoint preset {args.inpaint_preset} (random weights); {args.size}x{args.size} "
           f"px; a sample of {timesteps} timesteps, {references} references, recognizer r50, stage 1; {tuner.dtype}")

@@ -56,25 +56,22 @@ def dtype_setup(name: str):
 
 def measure(args) -> dict:
     """One set-up in this process: step times, the plain baseline, 1000-step time and peak memory."""
-    import conftest  # noqa: F401  (registers sefi_core, keeps the repo root off sys.path)
+    from sefi_testkit import pack
+    pack.prepare()  # sefi_core importable, the repository root off sys.path
     from sefi_testkit import gpu_emulation as gpu
     from sefi_testkit.comfy_env import find_comfyui
     from sefi_testkit.host import Host
 
     host = Host(find_comfyui(), ROOT, args.work_dir, data_dir=ROOT / "tests" / "data")
-    pack = host.pack.__name__
-    training = sys.modules[pack + ".nodes.training"]
-    train = sys.modules[pack + ".sefi_core.train"]
-    host_mod = sys.modules[pack + ".nodes.clip_tokens"]
+    training, training_floor = host.module("nodes.sefi.training"), host.module("nodes.training")
+    train, host_mod = host.module("sefi_core.sefi.train"), host.module("nodes.clip_tokens")
     setup = dtype_setup(args.setup)
     checkpoint = host.checkpoint(args.preset)
     with gpu.emulate(setup):
         model, clip, vae = host.load_checkpoint(checkpoint)
         image = host.nodes.LoadImage().load_image("astronaut.png")[0]
         trainer = training.HostTrainer(model, clip, "sks", "person", "all", gradient_checkpointing=args.checkpointing)
-        with torch.inference_mode(), training.frozen(model.model, clip.cond_stage_model), \
-                torch.inference_mode(False), torch.enable_grad():
-            trainer.load()
+        with training_floor.training_session(trainer):
             samples = trainer.training_samples(image, vae, args.resolution, 2, torch.Generator().manual_seed(0))
             trainer.find_loss_layers(samples[0][0])
             cls = host_mod.word_embedding(clip, "person")
@@ -117,7 +114,6 @@ def measure(args) -> dict:
                 run(args.full_run)
                 synchronize()
                 full = time.perf_counter() - start
-            trainer.release()
     device = trainer.device
     name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else \
         f"CPU ({torch.get_num_threads()} threads)"

@@ -2,14 +2,14 @@
 
 Two halves, one file (standard library and pip only, so it runs before anything is installed):
 
-  download (here, with PyPI):  python3 bench/gpu_wheels.py download [--python 3.10,3.11,3.12]
+  download (where PyPI is reachable):  python3 .ci/gpu/wheels.py download [--python 3.10,3.11,3.12]
       Fetches, for each CPython version, one Linux x86_64 wheel of every distribution ComfyUI v0.33.0 needs at
-      start-up beyond torch + torchvision (the closure of its requirements.txt, pinned to the versions tested with
-      /work/envs/venv-0.33.0), into bench/.gpu_wheels/pool/cp3XX/, then packs carry folders of at most 60 MiB
-      (bench/.gpu_wheels/<folder>/) and writes bench/.gpu_wheels/MANIFEST.txt (each wheel and its size).
-      bench/.gpu_wheels/ is git-ignored (.git/info/exclude): never commit wheels.
+      start-up beyond torch + torchvision (the closure of its requirements.txt, pinned to the versions the suite is
+      tested with), into .ci/gpu/wheels/pool/cp3XX/, then packs folders of at most 60 MiB to carry
+      (.ci/gpu/wheels/<folder>/) and writes .ci/gpu/wheels/MANIFEST.txt (each wheel and its size).
+      .ci/gpu/wheels/ is git-ignored: never commit wheels.
 
-  install (there, no network):  python3 bench/gpu_wheels.py install [--target DIR] COMFYUI_DIR WHEEL_DIR...
+  install (on the GPU machine, no network):  python3 .ci/gpu/wheels.py install [--target DIR] COMFYUI_DIR WHEEL_DIR...
       Reads COMFYUI_DIR/requirements.txt and the pack's requirements.txt; every requirement that the running
       interpreter already satisfies is left alone (the image's packages are never replaced); every other one is
       installed from the carried wheels that fit this interpreter (pip install --no-index --no-deps, one call),
@@ -33,8 +33,8 @@ import zipfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-STORE = HERE / ".gpu_wheels"
+ROOT = HERE.parents[1]
+STORE = HERE / "wheels"
 MIB = 2 ** 20
 FOLDER_LIMIT = 60 * MIB
 
@@ -42,8 +42,8 @@ FOLDER_LIMIT = 60 * MIB
 SKIP = {"comfyui-frontend-package", "comfyui-workflow-templates", "comfyui-embedded-docs", "pyopengl", "comfy-angle",
         "torch", "torchvision"}
 
-# The closure of ComfyUI v0.33.0's start-up requirements beyond torch + torchvision, at the versions installed and
-# tested in /work/envs/venv-0.33.0 (CPython 3.11). A version that has no wheel for some CPython is replaced there by
+# The closure of ComfyUI v0.33.0's start-up requirements beyond torch + torchvision, at the versions the suite is
+# installed and tested with (CPython 3.11). A version that has no wheel for some CPython is replaced there by
 # the newest release that has one (av 18 has no cp310 wheel: av 17.1.0 there).
 PINS = {
     "aiohappyeyeballs": "2.7.1", "aiohttp": "3.14.5", "aiosignal": "1.4.0", "alembic": "1.20.1",
@@ -69,14 +69,14 @@ SPECS = {"av": ">=16.0.0", "aiohttp": ">=3.11.8", "yarl": ">=1.18.0", "transform
          "tokenizers": ">=0.13.3", "safetensors": ">=0.4.2", "sqlalchemy": ">=2.0.0", "simpleeval": ">=1.0.0",
          "kornia": ">=0.7.1", "pydantic": "~=2.0", "pydantic-settings": "~=2.0"}
 
-# The distributions that the H200 image ('cuda', CPython 3.12, torch 2.11.0+cu130) lacks, from
-# /work/.library/device/KINDS.md (package list read 2026-11-17): the one-call set.
+# The distributions that a typical CUDA image with PyTorch (CPython 3.12, torch 2.11 with CUDA 13, transformers, scipy
+# and aiohttp already there) lacks: the small folder "h200" that travels in one go.
 H200_MISSING = ["alembic", "annotated-types", "av", "blake3", "comfy-aimdo", "comfy-kitchen", "kornia", "kornia-rs",
                 "mako", "pydantic", "pydantic-core", "pydantic-settings", "python-dotenv", "simpleeval", "spandrel",
                 "sqlalchemy", "torchsde", "trampoline", "typing-inspection"]
 # comfy-kitchen's CUDA build is 58.5 MB; its pure-Python wheel (0.2 MB) imports and serves every path a
 # non-quantized fp16 SD1.x run takes (the CUDA kernels are for fp8/fp4 quantized layers and --use-ck-attention).
-# The one-call set takes the pure one; the CUDA build travels alone in its own folder, for a call of its own.
+# The small folder takes the pure one; the CUDA build travels alone in a folder of its own.
 PLATFORMS = ["manylinux2014_x86_64", "manylinux1_x86_64", "linux_x86_64"] + \
     [f"manylinux_2_{n}_x86_64" for n in range(5, 36)]
 
@@ -121,7 +121,7 @@ def download(pyvers: list[str]) -> None:
                     pip_download(pyver, dest, [n + SPECS.get(n, "")])
         for extra in EXTRAS.get(pyver, []):
             pip_download(pyver, dest, [extra])
-        # comfy-kitchen both ways: the pure wheel (one-call sets) and the CUDA build (a folder of its own)
+        # comfy-kitchen both ways: the pure wheel (the small folders) and the CUDA build (a folder of its own)
         pure = STORE / "pool" / "kitchen-pure"
         pip_download(pyver, pure, [f"comfy-kitchen=={PINS['comfy-kitchen']}"], pure_only=True)
         pip_download(pyver, STORE / "pool" / f"kitchen-cuda-{tag}", [f"comfy-kitchen=={PINS['comfy-kitchen']}"])
@@ -139,14 +139,14 @@ def _link(files, folder: Path):
     for f in files:
         target = folder / f.name
         if not target.exists():
-            target.hardlink_to(f)  # the device tool copies the bytes; hard links cost no space here
+            target.hardlink_to(f)  # a copy that travels carries the bytes; hard links cost no space here
 
 
 def pack(pyvers: list[str]) -> None:
-    """Carry folders: h200 (the one-call set for the H200 image), full-cp3XX-N (everything beyond torch +
+    """Carry folders: h200 (what a typical CUDA image with PyTorch lacks), full-cp3XX-N (everything beyond torch +
     torchvision for CPython 3.XX, for an image that has nothing else), kitchen-cuda-cp3XX (the CUDA build)."""
     pure_kitchen = sorted((STORE / "pool" / "kitchen-pure").glob("*.whl"))
-    lines = ["# wheels under bench/.gpu_wheels/, by carry folder (sizes in MiB; each folder <= 60 MiB)"]
+    lines = ["# wheels under .ci/gpu/wheels/, by carry folder (sizes in MiB; each folder <= 60 MiB)"]
     folders = {}
     for pyver in pyvers:
         tag = "cp" + pyver.replace(".", "")
