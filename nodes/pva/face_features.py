@@ -21,6 +21,7 @@ class FaceRecognizer:
     """What a PVA_FACE_RECOGNIZER link carries: ArcFace, whose network stage 2 of encoder training tunes."""
     network: IResNet  # fp32, eval mode, on the CPU
     name: str  # e.g. "iresnet r50 (backbone.pth)": recorded in the encoders and identities it makes
+    file: str = ""  # its file in models/face_recognizers: what a training must never write over
 
     def features(self, photos: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) aligned square face photos in [0, 1], on the CPU -> (B, 512) fp32 features."""
@@ -48,6 +49,17 @@ def clip_vision_name(clip_vision) -> str:
     return f"CLIP vision ({weights:,} weights)"
 
 
+def unreadable_recognizer(file: str, error: Exception) -> str:
+    """What to do about a recognizer file the host's weights-only loader refused: one holding code is refused on
+    purpose; anything else is a damaged (often a partly downloaded) file."""
+    detail = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    if "weights only" in str(error).lower():
+        return (f"{file} could not be read as plain weights ({detail}). Only state dicts load; a file that needs code "
+                "to unpickle is refused. Use InsightFace's backbone.pth or a .safetensors.")
+    return (f"{file} could not be read ({detail}): it is damaged or was not downloaded whole. Download it again "
+            "(InsightFace's backbone.pth, or a .safetensors of it).")
+
+
 class PVALoadFaceRecognizer(FileLoader):
     FOLDER, FILE_INPUT, WHAT = FACE_RECOGNIZER_FOLDER, "recognizer_file", "face recognizer"
     ADVICE = put_file_advice(FACE_RECOGNIZER_FOLDER)
@@ -73,12 +85,9 @@ class PVALoadFaceRecognizer(FileLoader):
         try:  # the host's loader, weights-only: a pickle that holds code raises instead of running
             state = comfy.utils.load_torch_file(path, safe_load=True)
         except Exception as error:
-            raise ValueError(f"{recognizer_file} could not be read as plain weights ({type(error).__name__}: "
-                             f"{str(error).splitlines()[0] if str(error) else ''}). Only state dicts load; a file "
-                             "that needs code to unpickle is refused. Use InsightFace's backbone.pth or a "
-                             ".safetensors.") from None
+            raise ValueError(unreadable_recognizer(recognizer_file, error)) from None
         network = recognizer_from_state_dict(state, recognizer_file)
-        return io.NodeOutput(FaceRecognizer(network, f"iresnet {network.depth} ({recognizer_file})"))
+        return io.NodeOutput(FaceRecognizer(network, f"iresnet {network.depth} ({recognizer_file})", recognizer_file))
 
 
 class PVAClipVisionFeatures(io.ComfyNode):

@@ -22,6 +22,14 @@ FORMAT_NAME = "pva-identity"
 FORMAT_VERSION = 1
 PROJECTION_KINDS = ("to_q", "to_k", "to_v")
 STORAGE_DTYPE = torch.float16  # the projections' storage (fp32 in training); tokens and word stay fp32
+# Sane sizes, far beyond what training makes, so that a damaged or hand-made file is refused instead of making NaN
+# images: a text-context token of SD1.x has a norm of about 28 (the encoder's tokens are made like them), a word
+# embedding about 0.4 (the learned word moves from its start by at most the learning rate per step and dimension),
+# and SD's to_q/to_k/to_v weights are about 0.05 in size.
+MAX_VISUAL_TOKENS = 64
+MAX_VISUAL_TOKEN_NORM = 1000.0
+MAX_WORD_NORM = 100.0
+MAX_PROJECTION_WEIGHT = 100.0
 
 
 class PVAIdentityError(ValueError):
@@ -38,28 +46,58 @@ class PVAIdentity:
     recognizer: str = ""  # which face recognizer made the features (e.g. "iresnet r50")
     encoder: str = ""  # hash of the identity encoder's weights
     settings: dict = field(default_factory=dict)
+    file: str = field(default="", compare=False)  # the file it was loaded from, for messages
 
     def __post_init__(self):
         width = self.visual_tokens.shape[-1] if self.visual_tokens.ndim == 2 else None
-        if width is None or self.visual_tokens.shape[0] == 0:
+        if width is None or not 1 <= self.visual_tokens.shape[0] <= MAX_VISUAL_TOKENS:
             raise PVAIdentityError(f"PVA visual tokens have shape {tuple(self.visual_tokens.shape)}; expected "
-                                   "(tokens, context width), e.g. (10, 768).")
+                                   f"(tokens, context width) with 1-{MAX_VISUAL_TOKENS} tokens, e.g. (10, 768).")
         if self.word.shape != (width,):
             raise PVAIdentityError(f"The learned word has shape {tuple(self.word.shape)}; expected ({width},).")
         if not self.projections:
             raise PVAIdentityError("A PVA identity needs the visual projections of the cross-attention layers.")
-        for name, p in self.projections.items():
-            if p.to_k.shape[1] != width or p.to_v.shape[1] != width or p.to_q.shape[0] != p.to_k.shape[0]:
-                raise PVAIdentityError(f"The visual projections of {name} have shapes "
-                                       f"{[tuple(t.shape) for t in p.tensors()]}; they do not fit {width}-d tokens.")
-        tensors = [self.visual_tokens, self.word, *(t for p in self.projections.values() for t in p.tensors())]
-        if not all(torch.isfinite(t).all() for t in tensors):
-            raise PVAIdentityError("The PVA identity holds NaN or infinite numbers; fine-tune it again (a lower "
-                                   "learning rate usually helps).")
         try:
+            check_projections(self.projections, width)
+            check_size("visual tokens", self.visual_tokens, MAX_VISUAL_TOKEN_NORM)
+            check_size("learned word", self.word[None], MAX_WORD_NORM)
             self.trigger = validate_trigger(self.trigger)
-        except InvalidName as e:
-            raise PVAIdentityError(str(e)) from None
+        except (ValueError, InvalidName) as e:
+            raise PVAIdentityError(f"{e} Fine-tune the identity again (a lower learning rate usually helps).") from None
+
+
+def check_size(what: str, rows: torch.Tensor, limit: float) -> None:
+    """Finite, and no row's norm beyond `limit` (ValueError naming `what`)."""
+    if not torch.isfinite(rows).all():
+        raise ValueError(f"NaN or infinite numbers in the {what}.")
+    size = float(rows.float().norm(dim=-1).max())
+    if size > limit:
+        raise ValueError(f"A size (norm) of up to {size:.3g} in the {what}; the limit is {limit:g}.")
+
+
+def check_projections(projections: dict[str, VisualProjections], width: int) -> None:
+    """Every layer's W'_q (inner, query width), W'_k and W'_v (inner, `width`): of one inner width, finite and of sane
+    size (ValueError naming the layer)."""
+    for name, p in projections.items():
+        shapes = [tuple(t.shape) for t in p.tensors()]
+        if any(len(shape) != 2 for shape in shapes) or len({shape[0] for shape in shapes}) != 1 or \
+                shapes[1][1] != width or shapes[2][1] != width:
+            raise ValueError(f"The visual projections of layer {name} have shapes {shapes} (to_q, to_k, to_v); they "
+                             f"must share their first size and take {width}-d tokens.")
+        for kind, weight in zip(PROJECTION_KINDS, p.tensors()):
+            if not torch.isfinite(weight).all():
+                raise ValueError(f"The visual projection {kind} of layer {name} holds NaN or infinite numbers.")
+            largest = float(weight.abs().max()) if weight.numel() else 0.0
+            if largest > MAX_PROJECTION_WEIGHT:
+                raise ValueError(f"The visual projection {kind} of layer {name} has weights up to {largest:.3g}; the "
+                                 f"limit is {MAX_PROJECTION_WEIGHT:g}.")
+
+
+def as_stored(projections: dict[str, VisualProjections]) -> dict[str, VisualProjections]:
+    """The projections as a file holds them (rounded to STORAGE_DTYPE, back in fp32): what a node returns is what it
+    saves, so an identity gives one result whether it comes from its node or from its file."""
+    return {name: VisualProjections(*(t.detach().to("cpu", STORAGE_DTYPE).float() for t in p.tensors()))
+            for name, p in projections.items()}
 
 
 def projection_tensors(projections: dict[str, VisualProjections]) -> dict[str, torch.Tensor]:
@@ -99,7 +137,7 @@ def load_pva_identity(path: str) -> PVAIdentity:
     try:
         return PVAIdentity(tensors["pva.visual_tokens"].float(), projections_from(tensors), tensors["pva.word"].float(),
                            meta["pva.trigger"], meta.get("pva.base_model", ""), meta.get("pva.recognizer", ""),
-                           meta.get("pva.encoder", ""), json.loads(meta.get("pva.settings", "{}")))
+                           meta.get("pva.encoder", ""), json.loads(meta.get("pva.settings", "{}")), name)
     except PVAIdentityError as e:
         raise PVAIdentityError(f"{name}: {e}") from None
     except (KeyError, ValueError, TypeError) as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +20,9 @@ from ..files import format_metadata, read_versioned, save_atomically
 from .encoder import VISUAL_TOKENS, IdentityEncoder
 from .attention import VisualProjections
 from .face import FEATURE_DIM, IResNet, depth_of
-from .identity import projection_tensors, projections_from
+from .identity import MAX_WORD_NORM, check_projections, check_size, projection_tensors, projections_from
+
+MAX_ENCODER_LAYERS = 64  # the paper's has 4; more is a damaged file, not a network to build
 
 ENCODER_FORMAT = "pva-encoder"
 ENCODER_VERSION = 3  # 2: optional visual projections and learned word; 3: face features of another width than 512
@@ -54,6 +57,7 @@ class PVAEncoder:
     word: torch.Tensor | None = None  # the learned word's embedding, where trained with it
     settings: dict = field(default_factory=dict)
     hash: str = ""  # of the network's weights: recorded in the identities it makes
+    file: str = field(default="", compare=False)  # the file it was loaded from, for messages
 
     def __post_init__(self):
         self.hash = self.hash or weights_hash(self.network)
@@ -76,36 +80,62 @@ def save_encoder(encoder: IdentityEncoder, path: str, recognizer: str, settings:
 
 
 def load_encoder(path: str) -> PVAEncoder:
-    """The encoder in eval mode, with what was trained beside it."""
+    """The encoder in eval mode, with what was trained beside it. Its metadata is checked against its tensors before
+    anything is built from either."""
     name = os.path.basename(path)
     advice = "Copy the encoder file again, or train it again with PVA's encoder training."
     version, meta, tensors = read_versioned(
         path, ENCODER_FORMAT, ENCODER_VERSION, PVAModelFileError, "a PVA identity encoder", advice,
         "Put PVA encoders in models/pva_encoders; PVA identities go in models/pva_identities.")
+    weights = tensors if version == 1 else {k[len("encoder."):]: v for k, v in tensors.items()
+                                            if k.startswith("encoder.")}
     try:
-        shape = {k: int(meta[f"pva.{k}"]) for k in ("context_dim", "layers", "heads", "tokens")}
-        feature_dim = int(meta.get("pva.feature_dim", FEATURE_DIM))  # versions 1-2: ArcFace's 512
+        shape = encoder_shape_of(meta, weights)
         encoder = IdentityEncoder(shape["context_dim"], shape["layers"], shape["heads"], tokens=shape["tokens"],
-                                  feature_dim=feature_dim)
-        weights = tensors if version == 1 else {k[len("encoder."):]: v for k, v in tensors.items()
-                                                if k.startswith("encoder.")}
+                                  feature_dim=shape["feature_dim"])
         encoder.load_state_dict(weights, strict=True)
         projections = projections_from(tensors) if version > 1 else {}
+        check_projections(projections, shape["context_dim"])
         word = tensors.get("pva.word")
-        if word is not None and word.shape != (shape["context_dim"],):
-            raise ValueError(f"its learned word has shape {tuple(word.shape)}")
+        if word is not None:
+            if word.shape != (shape["context_dim"],):
+                raise ValueError(f"its learned word has shape {tuple(word.shape)}, not ({shape['context_dim']},)")
+            check_size("learned word", word[None], MAX_WORD_NORM)
         settings = json.loads(meta.get("pva.settings", "{}"))
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         raise PVAModelFileError(f"{name} is damaged or not an encoder this pack made ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0]}). {advice}") from None
     if not all(torch.isfinite(t).all() for t in tensors.values()):
         raise PVAModelFileError(f"{name} holds NaN or infinite weights. {advice}")
-    return PVAEncoder(encoder.eval(), meta.get("pva.recognizer", ""), projections, word, settings)
+    return PVAEncoder(encoder.eval(), meta.get("pva.recognizer", ""), projections, word, settings, file=name)
+
+
+def encoder_shape_of(meta: dict, weights: dict[str, torch.Tensor]) -> dict[str, int]:
+    """The encoder's sizes from its metadata, each checked against its tensors (ValueError naming the key)."""
+    shape = {k: int(meta[f"pva.{k}"]) for k in ("context_dim", "layers", "heads", "tokens")}
+    shape["feature_dim"] = int(meta.get("pva.feature_dim", FEATURE_DIM))  # versions 1-2: ArcFace's 512
+    queries, project = weights["queries"], weights["project.weight"]
+    layers = {int(k.split(".")[2]) for k in weights if k.startswith("transformer.layers.")}
+    found = {"tokens": queries.shape[0], "feature_dim": queries.shape[-1], "context_dim": project.shape[0],
+             "layers": len(layers)}
+    for key, size in found.items():
+        if shape[key] != size:
+            raise ValueError(f"metadata pva.{key} is {shape[key]} but its tensors have {size}")
+    if not 1 <= shape["layers"] <= MAX_ENCODER_LAYERS or layers != set(range(shape["layers"])):
+        raise ValueError(f"its transformer layers are {sorted(layers)[:8]}; expected 0 to at most "
+                         f"{MAX_ENCODER_LAYERS - 1}")
+    if shape["heads"] < 1 or shape["context_dim"] % shape["heads"]:
+        raise ValueError(f"metadata pva.heads {shape['heads']} does not divide the width {shape['context_dim']}")
+    return shape
 
 
 def recognizer_from_state_dict(state: dict[str, torch.Tensor], name: str) -> IResNet:
     """An ArcFace iresnet (r18/r34/r50/r100) with this state dict, in eval mode, fp32. InsightFace's arcface_torch
     `backbone.pth` files are such state dicts; a `module.` prefix (saved from DataParallel) is dropped."""
+    if not isinstance(state, Mapping):
+        raise PVAModelFileError(f"{name} holds a {type(state).__name__} where a recognizer's state dict (names to "
+                                "weights) belongs. PVA reads InsightFace's arcface_torch backbones (e.g. "
+                                "ms1mv3_arcface_r50_fp16/backbone.pth) or a .safetensors of one.")
     state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
     try:
         net = IResNet(depth_of(state))
@@ -116,6 +146,10 @@ def recognizer_from_state_dict(state: dict[str, torch.Tensor], name: str) -> IRe
             "arcface_torch backbones (e.g. ms1mv3_arcface_r50_fp16/backbone.pth) or a .safetensors of one.") from None
     if not all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()):
         raise PVAModelFileError(f"{name} holds NaN or infinite weights; download it again.")
+    negative = sorted(k for k, v in state.items() if k.endswith("running_var") and bool((v < 0).any()))
+    if negative:  # a variance below 0 gives NaN features (the square root of it in batch norm)
+        raise PVAModelFileError(f"{name} holds negative batch-norm variances ({', '.join(negative[:3])}): it is "
+                                "damaged. Download it again.")
     return net.float().eval()
 
 

@@ -49,7 +49,7 @@ def test_bad_pva_identity_files_are_refused_with_what_to_do(tmp_path):
     for bad, message in [(foreign, "lora.safetensors is a .safetensors file but not a PVA identity"),
                          (damaged, "damaged.safetensors is damaged"),
                          (newer, "newer.safetensors has format version 9; this pack reads up to 1"),
-                         (broken, "nan.safetensors: The PVA identity holds NaN"),
+                         (broken, "nan.safetensors: NaN or infinite numbers in the learned word"),
                          (tmp_path / "none.safetensors", "none.safetensors does not exist")]:
         with pytest.raises(PVAIdentityError, match=message):
             load_pva_identity(str(bad))
@@ -60,5 +60,48 @@ def test_shapes_that_do_not_fit_are_refused():
     with pytest.raises(PVAIdentityError, match=r"learned word has shape \(512,\)"):
         PVAIdentity(good.visual_tokens, good.projections, torch.zeros(512))
     wrong = {"layer": VisualProjections(torch.zeros(320, 320), torch.zeros(320, 1024), torch.zeros(320, 1024))}
-    with pytest.raises(PVAIdentityError, match="do not fit 768-d tokens"):
+    with pytest.raises(PVAIdentityError, match="must share their first size and take 768-d tokens"):
         PVAIdentity(good.visual_tokens, wrong, good.word)
+
+
+@pytest.mark.parametrize("part, value, message", [
+    ("tokens", 1e30, r"A size \(norm\) of up to .* in the visual tokens; the limit is 1000"),
+    ("word", 1e3, r"A size \(norm\) of up to .* in the learned word; the limit is 100"),
+    ("to_k", 1e4, r"visual projection to_k of layer middle_block.1.transformer_blocks.0.attn2 has weights up to 1e\+04; the limit is 100"),
+])
+def test_finite_numbers_far_beyond_what_training_makes_are_refused(tmp_path, part, value, message):
+    """Finite but enormous numbers would make an all-NaN image: refused as SeFi refuses its tokens, also in a file."""
+    good = an_identity()
+    tokens, word, projections = good.visual_tokens.clone(), good.word.clone(), dict(good.projections)
+    if part == "tokens":
+        tokens[3, 0] = value
+    elif part == "word":
+        word[0] = value
+    else:
+        name = "middle_block.1.transformer_blocks.0.attn2"
+        p = projections[name]
+        projections[name] = VisualProjections(p.to_q, p.to_k.clone().fill_(value), p.to_v)
+    with pytest.raises(PVAIdentityError, match=message):
+        PVAIdentity(tokens, projections, word)
+    path = save_pva_identity(good, str(tmp_path / "good.safetensors"))
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    key = {"tokens": "pva.visual_tokens", "word": "pva.word",
+           "to_k": "pva.layers.middle_block.1.transformer_blocks.0.attn2.to_k"}[part]
+    tensors[key] = tensors[key].float() * 0 + value if part == "to_k" else {"tokens": tokens, "word": word}[part]
+    save_file(tensors, str(tmp_path / "huge.safetensors"), metadata=metadata)
+    with pytest.raises(PVAIdentityError, match="huge.safetensors: .*" + message):
+        load_pva_identity(str(tmp_path / "huge.safetensors"))
+
+
+def test_what_a_node_returns_is_what_its_file_gives_back(tmp_path):
+    """as_stored: the projections rounded as the file stores them, so that an identity fine-tuned in the graph and
+    the same identity loaded from its file give one result."""
+    from sefi_core.pva.identity import as_stored
+    identity = an_identity()
+    returned = PVAIdentity(identity.visual_tokens, as_stored(identity.projections), identity.word, "sks")
+    loaded = load_pva_identity(save_pva_identity(returned, str(tmp_path / "once.safetensors")))
+    for name, p in returned.projections.items():
+        assert all(torch.equal(a, b) for a, b in zip(loaded.projections[name].tensors(), p.tensors()))
+    assert not all(torch.equal(a, b) for a, b in zip(identity.projections[name].tensors(), p.tensors()))  # it rounds
