@@ -27,7 +27,9 @@ from ...sefi_core.pva.dataset import (ALIGNED_FACE_BOX, CAPTION_CHANCE, WHOLE_PH
 from ...sefi_core.pva.encoder import IdentityEncoder
 from ...sefi_core.pva.face import CROP_FROM, FEATURE_DIM
 from ...sefi_core.pva.model_files import PVAEncoder, save_encoder
-from ...sefi_core.pva.train import EncoderSample, EncoderTrainables, EncoderTrainingSettings, train_encoder
+from ...sefi_core.pva.identity import as_stored
+from ...sefi_core.pva.train import (EncoderSample, EncoderTrainables, EncoderTrainingSettings, StateMismatch,
+                                    train_encoder, weights_mismatch)
 from ...sefi_core.train_state import TrainState, TrainStateError, load_train_state, save_train_state
 from ..checks import check_choices, check_sd1_clip, validation_result
 from ..folders import FACE_RECOGNIZER_FOLDER, PVA_ENCODER_FOLDER, identity_save_dir, train_state_path
@@ -154,9 +156,14 @@ class EncoderRun:
         self.tuner.start_identity()  # afresh: an out-of-memory retry starts again
         trainables = EncoderTrainables(copy.deepcopy(self.network), copy.deepcopy(self.recognizer),
                                        self.tuner.identity, self.settings.stage)
-        result = train_encoder(self.settings, trainables, draw, self.tuner.denoise, self.progress,
-                               lambda state: self.save(trainables, state), self.save_every, self.saved,
-                               self.tuner.dtype)
+        try:
+            result = train_encoder(self.settings, trainables, draw, self.tuner.denoise, self.progress,
+                                   lambda state: self.save(trainables, state), self.save_every, self.saved,
+                                   self.tuner.dtype)
+        except StateMismatch as error:
+            raise TrainStateError(f"{os.path.basename(state_file(self.save.file))}: {error}. Connect the encoder, "
+                                  "recognizer and model the run started with, or delete its files to start anew.") \
+                from None
         return trainables, result
 
 
@@ -267,6 +274,7 @@ class PVATrainEncoder(io.ComfyNode):
             projection_learning_rate=projection_learning_rate, word_learning_rate=word_learning_rate,
             recognizer_learning_rate=recognizer_learning_rate, seed=seed, resolution=resolution))
         check_sources(settings, saved, face_recognizer, pva_encoder, model)
+        check_outputs(path, settings, saved, face_recognizer)
         box = FACE_REGIONS[face_region] or parse_box(custom_box)
         dataset = FaceDataset(dataset_path(dataset_folder))
         masks = MaskBank(dataset_path(random_masks_folder)) if (random_masks_folder or "").strip() else None
@@ -287,8 +295,8 @@ class PVATrainEncoder(io.ComfyNode):
             lambda: SampleReader(dataset, tuner, vae, settings.resolution, box, features, masks), run)
         log.info("%s: saved encoder %s after %d steps (loss %.4f)", NODE, path, settings.steps, result.losses[-1])
         projections, word = trainables.identity.frozen_copy()
-        encoder = PVAEncoder(trainables.encoder.to("cpu").eval(), recognizer_name, projections, word,
-                             {**record, "steps": settings.steps})
+        encoder = PVAEncoder(trainables.encoder.to("cpu").eval(), recognizer_name, as_stored(projections), word,
+                             {**record, "steps": settings.steps}, file=os.path.basename(path))
         curve = loss_curve(result.losses, settings.steps, "PVA encoder training loss")
         return io.NodeOutput(encoder, curve, ui=ui.PreviewImage(curve, cls=cls))
 
@@ -345,16 +353,46 @@ def check_sources(settings: EncoderTrainingSettings, saved, source, pva_encoder,
         check_encoder_fits(pva_encoder, model)
 
 
+def check_outputs(path: str, settings: EncoderTrainingSettings, saved, source) -> None:
+    """No file a run reads is written by it, and a new run writes over nothing: stage 2's tuned recognizer is never
+    the recognizer it tunes, nor one an earlier run left."""
+    if settings.stage != 2:
+        return
+    file, tuned = os.path.basename(path), tuned_recognizer_file(os.path.basename(path))
+    if source.file == tuned:
+        raise ValueError(f"Stage 2 of {file} saves its tuned recognizer as {tuned}, and that is the recognizer it "
+                         "reads: its first save would replace it. Connect the recognizer stage 2 starts from (the one "
+                         "stage 1 used), or choose another name.")
+    if saved is None and os.path.exists(os.path.join(identity_save_dir(FACE_RECOGNIZER_FOLDER), tuned)):
+        raise ValueError(f"models/face_recognizers already holds {tuned}, the tuned recognizer of an earlier stage-2 "
+                         f"run named {os.path.splitext(file)[0]}; this new run would replace it. Choose another name, or "
+                         "delete that file first.")
+
+
+def check_resumable(saved, network: IdentityEncoder, file: str) -> None:
+    """A resumed run's encoder is the one it was started with (its sizes): the state's weights must load into it."""
+    if saved is None:
+        return
+    expected = {f"encoder.{name}": p for name, p in network.named_parameters()}
+    problem = weights_mismatch(expected, {k: v for k, v in saved.weights.items() if k.startswith("encoder.")})
+    if problem:
+        raise TrainStateError(f"{os.path.basename(state_file(file))} was trained with another encoder than the one "
+                              f"given now ({problem}). Connect the encoder the run started from to 'pva_encoder' (none, "
+                              f"if it started from scratch), or delete models/pva_encoders/{file} and its state to "
+                              "start anew.")
+
+
 def encoder_and_features(model, seed: int, source, pva_encoder, dataset: FaceDataset, saved, file: str, node_id):
     """The encoder to train (the connected one, or a new one of the source's feature width) and, for a frozen source
     (CLIP vision), every photo's features; widths that do not fit are refused before the dataset is read."""
     width = FEATURE_DIM if source.network is not None else feature_width(dataset, source)
     network = pva_encoder.network if pva_encoder is not None else new_encoder(model, seed, width)
     check_features_fit(network, width, source.name)
-    if saved is not None and saved.weights["encoder.queries"].shape[-1] != width:
-        raise ValueError(f"{file} was trained on {saved.weights['encoder.queries'].shape[-1]}-d face features; "
-                         f"{source.name} gives {width}-d ones. To go on, connect the face recognizer (or CLIP vision) "
-                         "it was trained with.")
+    queries = saved.weights.get("encoder.queries") if saved is not None else None
+    if queries is not None and queries.shape[-1] != width:
+        raise ValueError(f"{file} was trained on {queries.shape[-1]}-d face features; {source.name} gives {width}-d "
+                         "ones. To go on, connect the face recognizer (or CLIP vision) it was trained with.")
+    check_resumable(saved, network, file)
     return network, None if source.network is not None else frozen_source_features(dataset, source, node_id)
 
 

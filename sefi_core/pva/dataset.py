@@ -30,6 +30,7 @@ CAPTION_CHANCE = 0.5  # the authors' share of samples prompted with their photo'
 ALIGNED_FACE_BOX = (CROP_COLS[0] / CROP_FROM, CROP_ROWS[0] / CROP_FROM, CROP_COLS[1] / CROP_FROM,
                     CROP_ROWS[1] / CROP_FROM)  # (left, top, right, bottom) as fractions
 WHOLE_PHOTO = (0.0, 0.0, 1.0, 1.0)
+ORIENTATION = 0x0112  # the EXIF tag: 5-8 turn the photo by 90 degrees
 
 
 class DatasetError(ValueError):
@@ -77,6 +78,8 @@ class FaceDataset:
                 f"The dataset folder {root!r} has {len(self.people)} person folder(s) with two or more photos "
                 f"({len(self.too_few)} with fewer). The encoder learns what tells people apart: give a folder with one "
                 "sub-folder per person, each with 2 or more photos (.png, .jpg, .webp); the paper used 1,963 people.")
+        for photo in (p for person in self.people for p in person):
+            check_mask_fits(photo)
 
     @staticmethod
     def _beside(folder: str, file: str, suffix: str, files: list[str]) -> str | None:
@@ -126,12 +129,37 @@ def box_mask(box: tuple[float, float, float, float], size: int) -> torch.Tensor:
     return mask
 
 
+UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)  # what PIL raises for a file it will not decode
+
+
+def image_size(path: str, what: str = "an image") -> tuple[int, int]:
+    """(width, height) as the file's header gives it (nothing decoded), upright as its EXIF orientation shows it."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            turned = image.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)
+    except UNREADABLE as error:
+        raise DatasetError(f"{path} could not be read as {what} ({error}). Remove or replace it.") from None
+    return (height, width) if turned else (width, height)
+
+
+def check_mask_fits(photo: Photo) -> None:
+    """A photo and its face mask: both readable (no decompression bomb), the mask painted on the photo (its size)."""
+    photo_size = image_size(photo.path)
+    if photo.mask is not None:
+        mask_size = image_size(photo.mask, "a mask image")
+        if mask_size != photo_size:
+            raise DatasetError(f"The face mask {photo.mask} is {mask_size[0]}x{mask_size[1]} pixels, its photo "
+                               f"{photo_size[0]}x{photo_size[1]}: a mask must be painted on its photo, at its size. "
+                               "Save the mask at the photo's size, or delete it to use the face box.")
+
+
 def read_photo(path: str, size: int) -> torch.Tensor:
     """(3, size, size) in [0, 1]: the photo's centre square, resized."""
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, ValueError) as error:
+    except UNREADABLE as error:
         raise DatasetError(f"{path} could not be read as an image ({error}). Remove or replace it.") from None
     square = ImageOps.fit(image, (size, size), Image.Resampling.LANCZOS)
     return torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
@@ -173,7 +201,7 @@ def mask_square(path: str, size: int) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             mask = ImageOps.fit(ImageOps.exif_transpose(image).convert("L"), (size, size), Image.Resampling.NEAREST)
-    except (OSError, ValueError) as error:
+    except UNREADABLE as error:
         raise DatasetError(f"{path} could not be read as a mask image ({error}). Remove or replace it.") from None
     return torch.from_numpy((np.asarray(mask) > 127).astype(np.float32))
 

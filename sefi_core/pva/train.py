@@ -254,10 +254,10 @@ class EncoderTrainables:
         return out
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        expected = {name for name, _ in self.named_parameters()} | {"word_base"}
-        if set(weights) != expected:
-            raise ValueError(f"the training state holds other weights ({len(weights)}) than stage {self.stage} with "
-                             f"this encoder and model trains ({len(expected)})")
+        problem = weights_mismatch(self.weights(), weights)
+        if problem:
+            raise StateMismatch(f"the training state holds other weights than stage {self.stage} trains with this "
+                                f"encoder and model: {problem}")
         with torch.no_grad():
             for name, p in self.named_parameters():
                 p.copy_(weights[name])
@@ -270,6 +270,23 @@ class EncoderTrainables:
             with torch.set_grad_enabled(self.stage == 2):
                 features = self.recognizer(face_crop(sample.references))
         return self.encoder(features.to(self.identity.word_base.device, torch.float32).unsqueeze(0))[0]
+
+
+class StateMismatch(ValueError):
+    """A saved run's weights that do not fit what this run trains (names or shapes)."""
+
+
+def weights_mismatch(expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> str | None:
+    """What tells two sets of named weights apart (the first few names missing or extra, or the first shape that
+    differs), or None where they fit."""
+    missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing or extra:
+        return (f"{len(missing)} missing ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}), "
+                f"{len(extra)} not trained here ({', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''})")
+    for name, tensor in expected.items():
+        if tuple(saved[name].shape) != tuple(tensor.shape):
+            return f"{name} is {tuple(saved[name].shape)} there and {tuple(tensor.shape)} here"
+    return None
 
 
 @dataclass
@@ -313,6 +330,11 @@ def train_encoder(settings: EncoderTrainingSettings, trainables: EncoderTrainabl
             for _ in range(settings.samples_per_step):
                 sample = draw(generator)
                 tokens = trainables.tokens(sample)
+                if not torch.isfinite(tokens).all():  # not the optimiser's fault: the advice below would mislead
+                    raise FloatingPointError(
+                        f"The visual tokens of a sample are not finite at step {step + 1}: the face recognizer's "
+                        "features or the encoder's output hold NaN or infinite numbers. Load the recognizer again "
+                        "(a damaged file?), or start from another encoder; the last save is kept.")
                 loss = denoising_loss(sample.target, trainables.identity,
                                       lambda *args: denoise(*args, tokens, prompt=sample.prompt),
                                       settings.timesteps, generator)

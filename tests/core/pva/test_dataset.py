@@ -120,3 +120,20 @@ def test_random_masks_are_drawn_from_the_runs_generator_as_centre_squares(tmp_pa
         MaskBank(str(tmp_path / "empty"))
     with pytest.raises(DatasetError, match="does not exist. Give a folder of mask images"):
         MaskBank(str(tmp_path / "missing"))
+
+
+def test_a_face_mask_that_does_not_fit_its_photo_is_refused_when_the_folder_is_read(dataset_dir):
+    """A 16x64 mask beside a 40x30 photo would be fitted into a mask over everything: refused, naming both sizes."""
+    Image.fromarray(np.full((64, 16), 255, np.uint8)).save(dataset_dir / "bob" / "2.mask.png")
+    with pytest.raises(DatasetError, match=r"The face mask .*bob.2\.mask\.png is 16x64 pixels, its photo 40x30"):
+        FaceDataset(str(dataset_dir))
+
+
+def test_a_decompression_bomb_is_refused_naming_the_photo(dataset_dir, monkeypatch):
+    """PIL refuses to decode an image of too many pixels (a decompression bomb) with its own error; the dataset names
+    the photo instead, when the folder is read and when a photo is read later."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the 40x30 photos are 'bombs' now (over twice the limit)
+    with pytest.raises(DatasetError, match=r"ann.0\.png could not be read as an image \(Image size \(1200 pixels\)"):
+        FaceDataset(str(dataset_dir))
+    with pytest.raises(DatasetError, match=r"bob.1\.png could not be read as an image"):
+        read_photo(str(dataset_dir / "bob" / "1.png"), 16)

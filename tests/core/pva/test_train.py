@@ -120,6 +120,47 @@ def test_a_recognizer_state_dict_is_recognised_by_its_blocks_and_a_foreign_one_r
         recognizer_from_state_dict({k: v for k, v in net.state_dict().items() if k != "fc.weight"}, "backbone.pth")
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"pva.heads": "7"}, "metadata pva.heads 7 does not divide the width 768"),
+    ({"pva.layers": "100000"}, "metadata pva.layers is 100000 but its tensors have 1"),
+    ({"pva.tokens": "4"}, "metadata pva.tokens is 4 but its tensors have 10"),
+    ({"pva.context_dim": "1024"}, "metadata pva.context_dim is 1024 but its tensors have 768"),
+])
+def test_an_encoders_metadata_is_checked_against_its_tensors_before_anything_is_built(tmp_path, monkeypatch, change,
+                                                                                        message):
+    """A head count that does not divide the width, or a layer count far beyond the file's tensors, is refused by
+    name, and no network is built from it (building 100,000 layers would exhaust the machine first)."""
+    from safetensors import safe_open
+    from sefi_core.pva import model_files
+    path = save_encoder(IdentityEncoder(768, layers=1, heads=8), str(tmp_path / "good.safetensors"), "iresnet r50")
+    with safe_open(path, "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(tmp_path / "edited.safetensors"), metadata={**metadata, **change})
+    built = []
+    monkeypatch.setattr(model_files, "IdentityEncoder", lambda *a, **k: built.append(a) or IdentityEncoder(*a, **k))
+    with pytest.raises(PVAModelFileError, match="edited.safetensors is damaged.*" + message):
+        load_encoder(str(tmp_path / "edited.safetensors"))
+    assert built == []
+
+
+def test_a_recognizer_that_is_not_a_state_dict_or_has_negative_variances_is_refused():
+    with pytest.raises(PVAModelFileError, match="backbone.pth holds a list where a recognizer's state dict"):
+        recognizer_from_state_dict([torch.zeros(1)], "backbone.pth")
+    torch.manual_seed(0)
+    state = IResNet("r18").state_dict()
+    state["bn2.running_var"] = -state["bn2.running_var"].abs() - 1  # finite weights, NaN features
+    with pytest.raises(PVAModelFileError, match="backbone.pth holds negative batch-norm variances \\(bn2.running_var\\)"):
+        recognizer_from_state_dict(state, "backbone.pth")
+
+
+def test_a_state_of_another_shape_is_refused_naming_the_weight():
+    from sefi_core.pva.train import StateMismatch, weights_mismatch
+    assert weights_mismatch({"a": torch.zeros(2)}, {"a": torch.ones(2)}) is None
+    assert weights_mismatch({"a": torch.zeros(10, 4)}, {"a": torch.zeros(4, 4)}) == "a is (4, 4) there and (10, 4) here"
+    assert "1 missing (b)" in weights_mismatch({"a": torch.zeros(1), "b": torch.zeros(1)}, {"a": torch.zeros(1)})
+    assert issubclass(StateMismatch, ValueError)
+
+
 # Encoder training (sefi_core/pva/train.py, second half) on a stand-in UNet: a differentiable function of the latents,
 # the word, the visual tokens and one layer's visual projections.
 LAYER = "input_blocks.1.1.transformer_blocks.0.attn2"

@@ -222,3 +222,51 @@ def test_with_a_random_masks_folder_each_samples_face_region_is_joined_with_one_
     missing = host.run(train_graph("no_masks", random_masks_folder="nowhere"))
     assert not missing.success and "random masks folder" in missing.error["exception_message"]
     assert not (host.pva_encoder_dir / "no_masks.safetensors").exists()
+
+
+def test_a_run_never_writes_over_the_recognizer_it_reads_nor_a_tuned_one_an_earlier_run_left(host_clean, dataset):
+    host = host_clean
+    assert host.run(train_graph("for_stage_two", steps=1)).success
+    source = host.face_recognizer_dir / "victim_recognizer.safetensors"  # what stage 2 of 'victim' would save
+    source.write_bytes((host.face_recognizer_dir / "r18.safetensors").read_bytes())
+    before = source.read_bytes()
+    graph = train_graph("victim", steps=2, stage="2: also the face recognizer", encoder="for_stage_two.safetensors",
+                        resume=False)
+    graph["2"]["inputs"]["recognizer_file"] = "victim_recognizer.safetensors"
+    result = host.run(graph)
+    assert not result.success and "and that is the recognizer it reads" in result.error["exception_message"]
+    assert source.read_bytes() == before and not (host.pva_encoder_dir / "victim.safetensors").exists()
+    left = host.face_recognizer_dir / "earlier_recognizer.safetensors"  # an earlier stage-2 run's, its encoder gone
+    left.write_bytes(before)
+    result = host.run(train_graph("earlier", steps=2, stage="2: also the face recognizer",
+                                  encoder="for_stage_two.safetensors", resume=False))
+    assert not result.success and "already holds earlier_recognizer.safetensors" in result.error["exception_message"]
+    assert left.read_bytes() == before and not host.progress
+
+
+def test_a_face_mask_that_does_not_fit_its_photo_is_refused_before_any_work(host_clean, dataset):
+    import shutil
+    host = host_clean
+    misfit = host.input_dir / "pva_dataset_misfit"
+    shutil.rmtree(misfit, ignore_errors=True)
+    shutil.copytree(dataset, misfit)
+    Image.new("L", (16, PHOTO_SIZE), 255).save(misfit / "both" / "1.mask.png")  # beside a 64x64 photo
+    result = host.run(train_graph("misfit", steps=2, dataset_folder="pva_dataset_misfit"))
+    assert not result.success
+    assert "1.mask.png is 16x64 pixels, its photo 64x64" in result.error["exception_message"]
+    assert not host.progress and not (host.pva_encoder_dir / "misfit.safetensors").exists()
+    assert not (host.train_state_dir / "pva_encoder-misfit.safetensors").exists()
+
+
+def test_resuming_with_an_encoder_of_another_shape_is_refused_naming_the_state_and_the_fix(host_clean, dataset):
+    host = host_clean
+    assert host.run(train_graph("shaped", steps=1, encoder="random.safetensors")).success
+    model_files, encoder = host.module("sefi_core.pva.model_files"), host.module("sefi_core.pva.encoder")
+    model_files.save_encoder(encoder.IdentityEncoder(768, layers=1, heads=8, tokens=4),
+                             str(host.pva_encoder_dir / "four_tokens.safetensors"), "iresnet r18")
+    result = host.run(train_graph("shaped", steps=2, encoder="four_tokens.safetensors"))
+    assert not result.success
+    message = result.error["exception_message"]
+    assert "pva_encoder-shaped.safetensors was trained with another encoder than the one given now" in message
+    assert "encoder.queries is (10, 512) there and (4, 512) here" in message and "Connect the encoder" in message
+    assert state(host, "shaped.safetensors").steps_done == 1
