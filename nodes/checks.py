@@ -2,6 +2,7 @@
 node's validator reports a check. Every message names the node that speaks (`node`: its display name)."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from .clip_tokens import token_embedding_table
@@ -31,6 +32,15 @@ def check_choices(options: dict[str, Sequence[str]], **values) -> None:
         if value is not None and value not in options[name]:
             raise ValueError(f"{name} {value!r} is not one of {list(options[name])} (a workflow saved by an older "
                              "version may hold shifted values): pick one of those on the node, then queue again.")
+
+
+def check_number(name: str, value: float, low: float, high: float) -> float:
+    """A FLOAT input within its range: the host's min/max check lets NaN through (every comparison with it is false),
+    and a hand-edited or API-made prompt can hold anything."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and low <= value <= high):
+        raise ValueError(f"{name} is {value!r}; it must be a number from {low:g} to {high:g}. Type one on the node.")
+    return float(value)
 
 
 def single_values(inputs: dict, node: str, lists: str) -> dict:

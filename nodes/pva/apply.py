@@ -9,6 +9,7 @@ import logging
 import torch
 from comfy_api.latest import io
 
+from ..checks import check_number
 from ..clip_tokens import TriggerTokenizer, model_fingerprint, token_embedding_table, word_token_ids
 from .patch import VisualIdentity, apply_visual_identity
 from .sockets import PVAIdentityType
@@ -59,6 +60,7 @@ class PVAApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, pva_identity, strength, start_percent, end_percent, on_negative) -> io.NodeOutput:
+        strength = check_number("strength", strength, 0.0, 2.0)
         if not 0.0 <= start_percent < end_percent <= 1.0:
             raise ValueError(f"start_percent {start_percent} must be below end_percent {end_percent} (both 0-1); "
                              "otherwise the visual tokens never act.")
@@ -73,5 +75,6 @@ class PVAApply(io.ComfyNode):
         visual = VisualIdentity(pva_identity.visual_tokens, pva_identity.projections, strength,
                                 sampling.percent_to_sigma(start_percent), sampling.percent_to_sigma(end_percent),
                                 on_negative)
-        return io.NodeOutput(apply_visual_identity(model, visual),
+        source = f"The PVA identity {pva_identity.file}" if pva_identity.file else "The PVA identity"
+        return io.NodeOutput(apply_visual_identity(model, visual, source),
                              clip_with_word(clip, pva_identity.trigger, pva_identity.word))

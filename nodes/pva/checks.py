@@ -5,7 +5,7 @@ from __future__ import annotations
 from ...sefi_core.pva.encoder import IdentityEncoder
 from ...sefi_core.pva.model_files import PVAEncoder
 from ..checks import check_sd1_model
-from .patch import cross_attention_layers
+from .patch import check_projections_fit
 
 INPAINTING_CHECKPOINT = "Load the SD1.5 inpainting checkpoint (sd-v1-5-inpainting)."
 
@@ -28,10 +28,8 @@ def check_encoder_fits(encoder: PVAEncoder, model) -> None:
     """An encoder's tokens and trained projections must fit the model's cross-attention."""
     context_dim = model.model.model_config.unet_config.get("context_dim")
     if encoder.network.project.out_features != context_dim:
-        raise ValueError(f"This PVA encoder makes {encoder.network.project.out_features}-d visual tokens; the model's "
-                         f"text context is {context_dim}-d. Use an encoder trained for this model family.")
-    layers = set(cross_attention_layers(model))
-    if encoder.projections and set(encoder.projections) != layers:
-        raise ValueError(f"This PVA encoder was trained with visual projections for {len(encoder.projections)} "
-                         f"cross-attention layers; this MODEL has {len(layers)}. Use the model family it was trained "
-                         "on (SD1.x inpainting).")
+        raise ValueError(f"The PVA encoder {encoder.file} makes {encoder.network.project.out_features}-d visual "
+                         f"tokens; the model's text context is {context_dim}-d. Use an encoder trained for this model "
+                         "family.")
+    if encoder.projections:
+        check_projections_fit(encoder.projections, model, f"The PVA encoder {encoder.file}".rstrip())

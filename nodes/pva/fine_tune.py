@@ -12,7 +12,7 @@ from ...sefi_core.images import as_rgb, center_square
 from ...sefi_core.names import validate_trigger
 from ...sefi_core.pva.encoder import MAX_REFERENCES
 from ...sefi_core.pva.face import CROP_COLS, CROP_FROM, CROP_ROWS
-from ...sefi_core.pva.identity import PVAIdentity, save_pva_identity
+from ...sefi_core.pva.identity import PVAIdentity, as_stored, save_pva_identity
 from ...sefi_core.pva.train import FineTuneSettings
 from ..checks import check_choices, check_sd1_clip, first, single_values, validation_result
 from ..clip_tokens import model_fingerprint
@@ -60,7 +60,16 @@ def visual_tokens(recognizer, encoder, squares) -> torch.Tensor:
     with torch.inference_mode(False), torch.no_grad():
         features = recognizer.features(torch.stack([square for square, _ in squares]))
         check_features_fit(encoder.network, features.shape[-1], recognizer.name)
-        return encoder.network(features.cpu().unsqueeze(0))[0].detach()
+        bad = [k + 1 for k, row in enumerate(features) if not torch.isfinite(row).all()]
+        if bad:  # before the fine-tune, whose NaN loss would blame the learning rates
+            raise ValueError(f"{recognizer.name} gives NaN or infinite features for photo {bad[0]} of {len(squares)}: "
+                             "the recognizer is damaged. Load it again (download its file again).")
+        tokens = encoder.network(features.cpu().unsqueeze(0))[0].detach()
+        if not torch.isfinite(tokens).all():
+            raise ValueError(f"The PVA encoder {encoder.file} makes NaN or infinite visual tokens from {recognizer.name}'s"
+                             f" features (up to {float(features.abs().max()):.3g} in size): the recognizer or the encoder "
+                             "is damaged. Load them again, or use the recognizer the encoder was trained with.")
+        return tokens
 
 
 class PVAFineTuneIdentity(io.ComfyNode):
@@ -146,7 +155,7 @@ class PVAFineTuneIdentity(io.ComfyNode):
         tuner = PVAFineTuner(model, clip, trigger, tokens, NODE, gradient_checkpointing == "on", pva_encoder)
         result = train_on_clones(tuner, gradient_checkpointing, resolution, lambda: tuner.samples(squares, vae),
                                  lambda samples: tuner.fine_tune(settings, samples, progress))
-        identity = PVAIdentity(tokens, result.projections, result.word, trigger, model_fingerprint(clip),
+        identity = PVAIdentity(tokens, as_stored(result.projections), result.word, trigger, model_fingerprint(clip),
                                face_recognizer.name, pva_encoder.hash,
                                {**settings.as_metadata(), "photos": len(photos), "face_mask": face_mask is not None})
         cls.save(identity, path, overwrite, result.losses)

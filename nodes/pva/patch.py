@@ -105,15 +105,28 @@ def guard_replace_patches(executor, x, timesteps, context=None, y=None, control=
     return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
 
 
-def apply_visual_identity(model, identity: VisualIdentity):
+def check_projections_fit(projections: dict[str, VisualProjections], model, source: str) -> None:
+    """Visual projections (an identity's, an encoder's) for exactly the MODEL's cross-attention layers, each of the
+    shapes of the layer's own to_q, to_k, to_v; `source` names what holds them ("The PVA identity anna.safetensors")."""
+    layers = cross_attention_layers(model)
+    missing, extra = sorted(set(layers) - set(projections)), sorted(set(projections) - set(layers))
+    advice = "Use it with the model family it was trained for (SD1.x inpainting)."
+    if missing or extra or not layers:
+        which = f" (none for {missing[0]})" if missing else f" ({extra[0]} is not in it)" if extra else ""
+        raise ValueError(f"{source} has visual projections for {len(projections)} cross-attention layers, but this "
+                         f"MODEL has {len(layers)}{which}. {advice}")
+    for name, layer in layers.items():
+        have = [tuple(t.shape) for t in projections[name].tensors()]
+        want = [tuple(getattr(layer, kind).weight.shape) for kind in ("to_q", "to_k", "to_v")]
+        if have != want:
+            raise ValueError(f"{source}: the visual projections of layer {name} are {have} (to_q, to_k, to_v), and "
+                             f"this MODEL's layer takes {want}. {advice}")
+
+
+def apply_visual_identity(model, identity: VisualIdentity, source: str = "The PVA identity"):
     """A clone of `model` whose cross-attention layers attend to the identity's visual tokens (see module docstring),
     for sampling: an empty inpainting mask is refused."""
-    layers = cross_attention_layers(model)
-    missing = sorted(set(layers) - set(identity.projections))
-    if missing or not layers:
-        raise ValueError(f"The PVA identity has visual projections for {len(identity.projections)} cross-attention "
-                         f"layers, but this MODEL has {len(layers)} (e.g. {missing[:2]} have none). Use it with the "
-                         "model family it was fine-tuned for (SD1.x inpainting).")
+    check_projections_fit(identity.projections, model, source)
     patched = patch_layers(model, identity)
     check_inpainting_masks(patched)
     return patched
@@ -123,6 +136,10 @@ def patch_layers(model, identity: VisualIdentity):
     """The clone with every attn2 forward patched. The identity's projections are looked up at each call, so a
     training may fill them in once the model is loaded."""
     refuse_replace_patches(model.model_options, "already on this MODEL")
+    if model.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY):
+        raise ValueError("This MODEL already carries a PVA identity (it comes out of a PVA Apply node): a MODEL "
+                         "carries one. Connect the MODEL of Load Checkpoint here. To repaint two faces with two "
+                         "identities, inpaint one face, then the other, each pass with its own PVA Apply.")
     patched = model.clone()
     for name, layer in cross_attention_layers(model).items():
         key = f"diffusion_model.{name}.forward"

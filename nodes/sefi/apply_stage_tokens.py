@@ -7,7 +7,7 @@ from comfy_api.latest import io
 from ...sefi_core.names import validate_trigger
 from ...sefi_core.sefi.prompt_tokens import IdentitySlot, blend_toward_class
 from ...sefi_core.sefi.stages import ActiveRange
-from ..checks import check_sd1_clip, check_sd1_model
+from ..checks import check_number, check_sd1_clip, check_sd1_model
 from ..clip_tokens import model_fingerprint, word_embedding, word_token_ids
 from .patches import SefiIdentity, patch_clip, patch_model
 
@@ -52,6 +52,7 @@ class SefiApplyStageTokens(io.ComfyNode):
     def execute(cls, model, clip, identity, trigger, strength, start_percent, end_percent) -> io.NodeOutput:
         check_sd1_model(model, NODE)
         check_sd1_clip(clip, NODE)
+        strength = check_number("strength", strength, 0.0, 2.0)
         if not 0.0 <= start_percent < end_percent <= 1.0:
             raise ValueError(f"start_percent {start_percent} must be below end_percent {end_percent} (both 0-1); "
                              "otherwise the identity never acts.")

@@ -34,6 +34,11 @@ def test_fine_tune_then_apply_inpaints_through_comfyuis_own_nodes(host_clean, pv
     result = host.run(graph)
     assert result.success, result.error
     assert torch.isfinite(probe.saved_latent(host, result, "12")).all()
+    # One identity, one result: the saved file, loaded and applied, inpaints exactly what the fine-tune's output did.
+    graph["5"] = {"class_type": "PVALoadIdentity", "inputs": {"pva_identity_file": "fine_tuned.safetensors"}}
+    loaded = host.run(graph)
+    assert loaded.success, loaded.error
+    assert torch.equal(probe.saved_latent(host, loaded, "12"), probe.saved_latent(host, result, "12"))
     saved = host.module("sefi_core.pva.identity").load_pva_identity(str(host.pva_identity_dir /
                                                                                "fine_tuned.safetensors"))
     model, clip, _ = host.load_checkpoint("tiny_inpaint.safetensors")
@@ -233,3 +238,39 @@ def test_the_fine_tune_in_half_precision_gives_fp32s_gradients(host_clean, pva_f
     assert cosine >= 0.99, f"{setup}: the gradient's direction differs from fp32's (cosine {cosine:.4f})"
     assert abs(float(half.norm() / reference.norm()) - 1) <= 0.05
     assert loss_h == pytest.approx(loss_32, rel=0.02)
+
+
+def test_recognizers_that_would_give_nan_features_are_refused_before_the_fine_tune(host_clean, pva_files, tmp_path):
+    """A damaged recognizer (finite weights, NaN or infinite features) is refused at load where that can be seen (a
+    negative batch-norm variance), else before the fine-tune, naming the recognizer: never 'lower the learning
+    rates'. A file cut short is called damaged, not a pickle holding code; a .pth whose state_dict is a list says so."""
+    from safetensors.torch import save_file
+    host = host_clean
+    recognizer, _ = pva_files
+    state = {k: v.clone() for k, v in recognizer.state_dict().items()}
+    negative = {**state, "bn2.running_var": -state["bn2.running_var"].abs() - 1}
+    save_file(negative, str(host.face_recognizer_dir / "negative.safetensors"))
+    big = torch.full_like(state["features.bias"], 3e38)  # finite weights: y = 3e38 (z + 1) overflows for z > 0.14
+    huge = {**state, "features.weight": big, "features.bias": big.clone()}
+    save_file(huge, str(host.face_recognizer_dir / "huge.safetensors"))
+    (host.face_recognizer_dir / "cut.pth").write_bytes((host.face_recognizer_dir / "r18.pth").read_bytes()[:4000])
+    torch.save({"state_dict": [torch.zeros(1)]}, host.face_recognizer_dir / "listed.pth")
+    load = host.node("PVALoadFaceRecognizer").execute
+    with torch.inference_mode():
+        for file, message in [("negative.safetensors", "negative.safetensors holds negative batch-norm variances"),
+                              ("cut.pth", "cut.pth could not be read .*it is damaged or was not downloaded whole"),
+                              ("listed.pth", "listed.pth holds a list where a recognizer's state dict")]:
+            with pytest.raises(ValueError, match=message):
+                load(recognizer_file=file)
+        infinite = load(recognizer_file="huge.safetensors").result[0]
+        _, encoder = recognizer_and_encoder(host)
+        model, clip, vae = host.load_checkpoint("tiny_inpaint.safetensors")
+        with pytest.raises(ValueError, match=r"iresnet r18 \(huge.safetensors\)('s features| gives NaN or infinite "
+                                             r"features).*the recognizer .*is damaged") as refused:
+            host.node("PVAFineTuneIdentity").execute(
+                image=[photo(host)], model=[model], clip=[clip], vae=[vae], face_recognizer=[infinite],
+                pva_encoder=[encoder], name=["nan_features"], trigger=["sks"], steps=[1], timesteps_per_step=[2],
+                projection_learning_rate=[2e-5], word_learning_rate=[1e-3], seed=[0], resolution=[PHOTO_SIZE],
+                overwrite=[True])
+    assert "learning rate" not in str(refused.value) and not host.progress
+    assert not (host.pva_identity_dir / "nan_features.safetensors").exists()

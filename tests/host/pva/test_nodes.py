@@ -112,3 +112,51 @@ def test_a_clip_that_already_knows_the_learned_word_is_refused_by_pva(host):
             apply(model, once)
     assert "SeFi Apply" not in str(refused.value)
     assert type(clip.tokenizer).__name__ != "TriggerTokenizer"  # the CLIP it was given is as it was
+
+
+def test_a_strength_that_is_not_a_number_is_refused_by_both_apply_nodes(host):
+    """NaN passes the host's min/max check (every comparison with it is false) and would make an all-NaN image."""
+    write_pva_identity(host)
+    result = host.run(inpaint_graph(host, strength=float("nan")))
+    assert not result.success and "strength is nan; it must be a number from 0 to 2" in \
+        result.error["exception_message"]
+    model, clip, _ = host.load_checkpoint("tiny.safetensors")
+    with pytest.raises(ValueError, match="strength is nan; it must be a number from 0 to 2"):
+        probe.apply(host, model, clip, probe.word_identity(clip, ["cat"] * 5, ["cat"] * 5), strength=float("nan"))
+
+
+@pytest.mark.parametrize("change", ["to_q takes another width", "twice the inner width"])
+def test_projections_that_do_not_fit_the_models_layers_are_refused_naming_the_file_and_the_layer(host, change):
+    identity = write_pva_identity(host)
+    files = host.module("sefi_core.pva.identity")
+    attention = host.module("sefi_core.pva.attention")
+    layer = sorted(identity.projections)[0]
+    q, k, v = identity.projections[layer].tensors()
+    if change == "to_q takes another width":
+        q = torch.zeros(q.shape[0], 2 * q.shape[1])
+    else:  # each of the three twice as wide: they agree with each other, not with the layer
+        q, k, v = (torch.cat([t, t]) for t in (q, k, v))
+    projections = {**identity.projections, layer: attention.VisualProjections(q, k, v)}
+    files.save_pva_identity(files.PVAIdentity(identity.visual_tokens, projections, identity.word, "sks"),
+                            str(host.pva_identity_dir / "misfit.safetensors"), overwrite=True)
+    result = host.run(inpaint_graph(host, "misfit.safetensors"))
+    assert not result.success
+    message = result.error["exception_message"]
+    assert f"The PVA identity misfit.safetensors: the visual projections of layer {layer} are" in message
+    assert "this MODEL's layer takes" in message and result.error["exception_type"] != "RuntimeError"
+
+
+def test_a_model_carries_one_pva_identity_and_a_second_pva_apply_says_so(host):
+    write_pva_identity(host)
+    write_pva_identity(host, "bob.safetensors", seed=1)
+    graph = inpaint_graph(host)
+    graph["20"] = {"class_type": "PVALoadIdentity", "inputs": {"pva_identity_file": "bob.safetensors"}}
+    graph["21"] = {"class_type": "PVAApply", "inputs": {"model": ["3", 0], "clip": ["1", 1], "pva_identity": ["20", 0],
+                                                        "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0,
+                                                        "on_negative": True}}
+    graph["8"]["inputs"]["model"] = ["21", 0]
+    result = host.run(graph)
+    assert not result.success
+    message = result.error["exception_message"]
+    assert "This MODEL already carries a PVA identity" in message and "one face, then the other" in message
+    assert "SeFi" not in message and "object patch" not in message
