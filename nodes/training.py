@@ -236,13 +236,30 @@ class TrainingClones:
 
 
 @contextlib.contextmanager
+def host_training_flag():
+    """The host's own training flag (`comfy.model_management.in_training`, set by its trainer around its loop) on for
+    the run: host code with an inference-only fast path (v0.33's fused INT8 linear) checks it. Restored however the
+    run ends; a host without the flag is left without it."""
+    mm = comfy.model_management
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    before, mm.in_training = mm.in_training, True
+    try:
+        yield
+    finally:
+        mm.in_training = before
+
+
+@contextlib.contextmanager
 def training_session(clones: TrainingClones, grad: bool = True):
     """The clones loaded for a run, with the host's weights frozen and, inside, plain (not inference) tensors and
     autograd on (off with grad=False); the flags come back and the clones are given back however the run ends.
     `frozen` runs in inference mode, the only place the flags of the executor's inference tensors may be set, so the
     session enters it first (a no-op inside a node, which the executor runs in it). The training clones' modules are
-    the host's own, or under dynamic VRAM a reloaded copy of them: either way, those are the ones to freeze."""
-    with torch.inference_mode(), frozen(clones.model.model, clones.clip.cond_stage_model), \
+    the host's own, or under dynamic VRAM a reloaded copy of them: either way, those are the ones to freeze. The host's
+    training flag is on inside (host_training_flag)."""
+    with torch.inference_mode(), frozen(clones.model.model, clones.clip.cond_stage_model), host_training_flag(), \
             torch.inference_mode(False), torch.set_grad_enabled(grad):
         try:
             clones.load()

@@ -270,3 +270,24 @@ def test_resuming_with_an_encoder_of_another_shape_is_refused_naming_the_state_a
     assert "pva_encoder-shaped.safetensors was trained with another encoder than the one given now" in message
     assert "encoder.queries is (10, 512) there and (4, 512) here" in message and "Connect the encoder" in message
     assert state(host, "shaped.safetensors").steps_done == 1
+
+
+def test_pvas_trainings_set_the_hosts_training_flag_for_the_run_only(host_clean, dataset):
+    """Encoder training and the fine-tune both run with the host's `in_training` on (where the host has it) and
+    restore it after, also when cancelled."""
+    host, seen = host_clean, []
+    mm = host.model_management
+    flag = lambda: getattr(mm, "in_training", None)
+    has_flag = hasattr(mm, "in_training")
+    host.tick_watchers.append(lambda value, total: seen.append(flag()))
+    try:
+        assert host.run(train_graph("flag_encoder", steps=2)).success
+        encoder_ticks = len(seen)
+        assert host.run(fine_tune_graph(steps=2, name="flag_fine_tune", recognizer="r18.safetensors")).success
+        assert flag() is (False if has_flag else None)
+        host.interrupt_at_tick(2)
+        assert host.run(train_graph("flag_cancelled", steps=50)).interrupted
+    finally:
+        host.tick_watchers.clear()
+    assert 0 < encoder_ticks < len(seen) and all(f is (True if has_flag else None) for f in seen), seen
+    assert flag() is (False if has_flag else None)

@@ -573,3 +573,30 @@ def test_training_state_is_kept_by_default_and_removed_with_the_identity_it_belo
     assert (host.train_state_dir / "kept.safetensors").exists()
     assert host.run(train_graph("kept", steps=3, overwrite=True)).success  # replaced without a state
     assert not (host.train_state_dir / "kept.safetensors").exists()
+
+
+def test_training_sets_the_hosts_training_flag_for_the_run_and_restores_it_however_the_run_ends(host):
+    """Where the host has `in_training` (v0.33: its own trainer sets it; its fused INT8 inference path checks it),
+    SeFi's training sets it for every step and restores it after a run that ends, is cancelled or fails; a host
+    without the flag is left without it."""
+    mm, seen = host.model_management, []
+    has_flag = hasattr(mm, "in_training")
+
+    def fail_at_tick_two(value, total):
+        if len(seen) == 2:
+            raise RuntimeError("a failure in the middle of training")
+
+    host.tick_watchers.append(lambda value, total: seen.append(getattr(mm, "in_training", None)))
+    try:
+        assert host.run(train_graph("flagged", steps=3)).success
+        host.interrupt_at_tick(2)
+        assert host.run(train_graph("flag_cancelled", steps=50)).interrupted
+        assert getattr(mm, "in_training", None) is (False if has_flag else None)
+        host.tick_watchers.append(fail_at_tick_two)
+        seen.clear()
+        failed = host.run(train_graph("flag_failed", steps=50))
+        assert not failed.success and "a failure in the middle of training" in failed.error["exception_message"]
+    finally:
+        host.tick_watchers.clear()
+    assert seen and all(flag is (True if has_flag else None) for flag in seen), seen
+    assert getattr(mm, "in_training", None) is (False if has_flag else None)
