@@ -97,6 +97,7 @@ class Host:
         self.work_dir = Path(work_dir).resolve()
         self.progress: list[tuple[int, int]] = []
         self.previews: list[tuple[int, Any]] = []  # (progress value, the preview image a node sent with it)
+        self.tick_watchers: list = []  # functions called at every progress tick with (value, total), before recording
         self._interrupt_tick: int | None = None
         self._import_modules()
         self._set_folders(data_dir)
@@ -134,6 +135,8 @@ class Host:
         self.folder_paths = folder_paths
         self.nodes = nodes
         self.server_module = _import_server_module()
+        import comfyui_version
+        self.version = comfyui_version.__version__  # what core's nodes are saved with in a workflow ("ver")
 
     def _make_dir(self, name: str) -> Path:
         path = self.work_dir / name
@@ -186,6 +189,8 @@ class Host:
         from comfy_execution.progress import get_progress_state
         from comfy_execution.utils import get_executing_context
 
+        for watch in self.tick_watchers:
+            watch(value, total)
         self.progress.append((value, total))
         if preview_image is not None:
             self.previews.append((value, preview_image))
