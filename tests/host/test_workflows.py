@@ -2,6 +2,8 @@
 are valid) and their API form runs end to end on the suite's small checkpoint."""
 import asyncio
 import json
+import re
+import tomllib
 import uuid
 from pathlib import Path
 
@@ -15,7 +17,8 @@ from sefi_testkit.frontends import FRONTENDS, TITLE
 from sefi_testkit.pva import write_pva_identity
 from sefi_testkit.workflow_format import VIRTUAL_NODES, combo_errors, link_type_errors, to_api
 
-WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
+ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 # The user's own files, picked in the UI, and the suite's stand-ins (the random recognizer and encoder of pva_files).
 USER_FILES = {"ckpt_name": "tiny.safetensors", "image": "astronaut.png", "recognizer_file": "r18.safetensors",
               "encoder_file": "random.safetensors"}
@@ -48,6 +51,23 @@ def test_workflow_loads_against_the_host_registry(host, path, pva_files):
     host.checkpoint("tiny_inpaint")
     ok, error, _, node_errors = asyncio.run(host.execution.validate_prompt(str(uuid.uuid4()), prompt, None))
     assert ok, (error, node_errors)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_every_node_says_which_pack_it_comes_from(host, path):
+    """What a frontend writes on save, and ComfyUI Manager reads to offer 'install missing nodes' to whoever gets
+    the file: the pack's nodes carry its Registry id and version (pyproject.toml), core's nodes 'comfy-core' and a
+    ComfyUI version; Notes and reroutes (the frontend's own) carry neither."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    registry = host.nodes.NODE_CLASS_MAPPINGS
+    for node in load(path)["nodes"]:
+        properties, kind = node["properties"], node["type"]
+        if kind in VIRTUAL_NODES:
+            assert "cnr_id" not in properties, kind
+        elif getattr(registry[kind], "RELATIVE_PYTHON_MODULE", "nodes").startswith("custom_nodes."):
+            assert (properties.get("cnr_id"), properties.get("ver")) == (project["name"], project["version"]), kind
+        else:
+            assert properties.get("cnr_id") == "comfy-core" and re.fullmatch(r"\d+\.\d+\.\d+", properties.get("ver", "")), kind
 
 
 def small(prompt, mask_image=None):

@@ -61,10 +61,22 @@ class Note:
     size: tuple[int, int] = (360, 180)
 
 
-def build(items: list, registry, view: dict | None = None) -> dict:
-    """A saved workflow from Node and Note descriptions; `view` is the saved canvas view {"scale", "offset"}."""
+def provenance(registry, pack: tuple[str, str], host_version: str):
+    """node type -> the properties a frontend writes on save to say where a node comes from: `cnr_id` (the Comfy
+    Registry id, which ComfyUI Manager offers to install for missing nodes) and `ver`. `pack`: this pack's (id,
+    version); every other node is core's ("comfy-core", the host's version)."""
+    def properties(node_type: str) -> dict:
+        module = getattr(registry[node_type], "RELATIVE_PYTHON_MODULE", "nodes")
+        cnr_id, ver = pack if module.startswith("custom_nodes.") else ("comfy-core", host_version)
+        return {"cnr_id": cnr_id, "ver": ver}
+    return properties
+
+
+def build(items: list, registry, view: dict | None = None, properties=lambda node_type: {}) -> dict:
+    """A saved workflow from Node and Note descriptions; `view` is the saved canvas view {"scale", "offset"};
+    `properties(node_type)`: what each node's properties hold besides its search name (see provenance)."""
     links, link_id, reroutes, extensions = [], 0, {}, []
-    nodes = {item.id: _node_json(item, registry) for item in items}
+    nodes = {item.id: _node_json(item, registry, properties) for item in items}
     for item in items:
         if not isinstance(item, Node):
             continue
@@ -95,7 +107,7 @@ def build(items: list, registry, view: dict | None = None) -> dict:
             "groups": [], "config": {}, "extra": extra, "version": 0.4}
 
 
-def _node_json(item, registry) -> dict:
+def _node_json(item, registry, properties) -> dict:
     base = {"id": item.id, "pos": list(item.pos), "size": list(item.size), "flags": {}, "order": item.id, "mode": 0}
     if isinstance(item, Note):
         return {**base, "type": "Note", "properties": {"text": ""}, "widgets_values": [item.text],
@@ -112,7 +124,7 @@ def _node_json(item, registry) -> dict:
     unknown = set(item.widgets) - {n for n, k, _ in _inputs(registry, item.type) if is_widget(k)}
     if unknown:
         raise ValueError(f"{item.type} has no widget {sorted(unknown)}")
-    node = {**base, "type": item.type, "inputs": sockets, "properties": {"Node name for S&R": item.type},
+    node = {**base, "type": item.type, "inputs": sockets, "properties": {**properties(item.type), "Node name for S&R": item.type},
             "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
                         for i, (n, t) in enumerate(outputs(registry, item.type))], "widgets_values": widgets}
     if item.title:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -291,16 +292,19 @@ def main() -> None:
     pack.prepare()  # sefi_core importable, the repository root off sys.path
     from sefi_testkit.comfy_env import find_comfyui
     from sefi_testkit.host import Host
-    from sefi_testkit.workflow_format import Node, Note, build
+    from sefi_testkit.workflow_format import Node, Note, build, provenance
     from sefi_testkit.frontends import FRONTENDS
 
     comfy_path = find_comfyui()
     if comfy_path is None:
         sys.exit("Set COMFYUI_PATH to a ComfyUI checkout (see README).")
     host = Host(comfy_path, ROOT, tempfile.mkdtemp(prefix="sefi-workflows-"))
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    registry = host.nodes.NODE_CLASS_MAPPINGS
+    properties = provenance(registry, (project["name"], project["version"]), host.version)
     for name, items in workflows(Node, Note).items():
         path = ROOT / "workflows" / f"{name}.json"
-        workflow = build(items, host.nodes.NODE_CLASS_MAPPINGS)
+        workflow = build(items, registry, properties=properties)
         workflow["extra"]["ds"] = saved_view(workflow, FRONTENDS)
         path.write_text(json.dumps(workflow, indent=1) + "\n")
         print(f"wrote {path.relative_to(ROOT)}")
