@@ -24,6 +24,7 @@ def test_pyproject_passes_the_registrys_checks(host):
     assert project.license.file and (REPO_ROOT / project.license.file).is_file()
     assert project.urls.repository.startswith("https://github.com/") and project.urls.issues.startswith("https://")
     assert comfy.publisher_id and comfy.display_name
+    assert comfy.models and all(m.location.startswith("/") and m.model_url.startswith("https://") for m in comfy.models)
     assert all(VERSION_SPEC.match(part.strip()) for part in project.supported_comfyui_version.split(","))
     assert project.supported_os == ["OS Independent"] and project.supported_accelerators == ["GPU :: NVIDIA CUDA"]
     requirements = (REPO_ROOT / "requirements.txt").read_text().split()

@@ -70,6 +70,69 @@ def test_every_node_says_which_pack_it_comes_from(host, path):
             assert properties.get("cnr_id") == "comfy-core" and re.fullmatch(r"\d+\.\d+\.\d+", properties.get("ver", "")), kind
 
 
+MODEL_LOADERS = {"CheckpointLoaderSimple": "ckpt_name", "PVALoadFaceRecognizer": "recognizer_file",
+                 "CLIPVisionLoader": "clip_name"}  # loaders of files one downloads (the others load what the pack made)
+
+
+def readme_models() -> dict[str, dict]:
+    """The README's Models table: each file's name -> its row (folder, what, source, size, licence, used by)."""
+    section = (ROOT / "README.md").read_text().split("\n## Models\n")[1].split("\n## ")[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if len(cells) != 6 or not cells[0].startswith("`"):
+            continue
+        for path in re.findall(r"`([^`]+)`", cells[0]):
+            folder, name = path.split("/")
+            rows[name] = dict(zip(("folder", "what", "source", "size", "licence", "used_by"), [folder, *cells[1:]]))
+    return rows
+
+
+def plain(markdown: str) -> str:
+    """Markdown cell text as a Note writes it: links by their text, no emphasis."""
+    return re.sub(r"\[([^]]+)\]\([^)]+\)", r"\1", markdown).replace("**", "")
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_every_model_a_workflow_loads_is_named_with_its_source(host, path):
+    """Each downloaded model a loader picks is in the README's Models table, and the workflow's first Note names it
+    with its folder, size, where the official copy is and its licence, as the table does."""
+    workflow, models = load(path), readme_models()
+    notes = sorted((n for n in workflow["nodes"] if n["type"] == "Note"), key=lambda n: (n["pos"][1], n["pos"][0]))
+    first = notes[0]["widgets_values"][0]
+    loaders = [n for n in workflow["nodes"] if n["type"] in MODEL_LOADERS]
+    assert loaders, "every workflow loads a checkpoint"
+    api = to_api(workflow, host.nodes.NODE_CLASS_MAPPINGS)
+    for node in loaders:
+        file = api[str(node["id"])]["inputs"][MODEL_LOADERS[node["type"]]]
+        assert file in models, f"{file} is not in the README's Models table"
+        row = models[file]
+        source = re.search(r"\[([^]]+)\]", row["source"])[1]  # the official copy's name (its link's text)
+        licence = re.split(r"[:(]", plain(row["licence"]))[0].strip()
+        for wanted in (f"{row['folder']}/{file}", row["size"], source, licence):
+            assert wanted in first, f"{path.stem}'s first Note does not say {wanted!r} of {file}"
+
+
+def test_the_registry_lists_the_models_one_downloads_directly():
+    """pyproject's [tool.comfy] Models: exactly the README's Hugging Face files, each from the repository it names."""
+    models = readme_models()
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["comfy"]["Models"]
+    hub = {name: row for name, row in models.items() if "huggingface.co/" in row["source"]}
+    assert {entry["location"] for entry in listed} == {f"/{row['folder']}/{name}" for name, row in hub.items()}
+    for entry in listed:
+        row = hub[entry["location"].rsplit("/", 1)[1]]
+        repository = re.search(r"huggingface\.co/([^)]+)\)", row["source"])[1]
+        assert entry["model_url"].startswith(f"https://huggingface.co/{repository}/resolve/main/"), entry
+
+
+@pytest.mark.parametrize("node, kind", [("PVALoadFaceRecognizer", "face_recognizers"),
+                                        ("PVAClipVisionFeatures", "clip_vision")])
+def test_help_pages_name_the_models_the_readme_names(node, kind):
+    page = (ROOT / "web" / "docs" / f"{node}.md").read_text()
+    files = [name for name, row in readme_models().items() if row["folder"] == kind]
+    assert files and all(name in page for name in files), (node, files)
+
+
 def small(prompt, mask_image=None):
     """The user's files swapped for the suite's, sizes and step counts made small."""
     for node in prompt.values():

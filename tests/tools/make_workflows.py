@@ -17,6 +17,24 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CKPT = {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}
+# Each model a workflow loads, as its first Note names it: folder, what it is, size, where the official copy is, licence
+# (the README's Models table says the same, with links).
+MODELS = {
+    "v1-5-pruned-emaonly.safetensors": "checkpoints/v1-5-pruned-emaonly.safetensors (Stable Diffusion 1.5, 4.3 GB, "
+                                       "Hugging Face Comfy-Org/stable-diffusion-v1-5-archive; CreativeML OpenRAIL-M)",
+    "sd-v1-5-inpainting.ckpt": "checkpoints/sd-v1-5-inpainting.ckpt (SD 1.5 inpainting, 4.3 GB, Hugging Face "
+                               "stable-diffusion-v1-5/stable-diffusion-inpainting; CreativeML OpenRAIL-M)",
+    "ms1mv3_arcface_r50.pth": "face_recognizers/ms1mv3_arcface_r50.pth (ArcFace r50, 175 MB: InsightFace's "
+                              "arcface_torch model zoo, ms1mv3_arcface_r50_fp16/backbone.pth renamed; non-commercial "
+                              "research only)",
+}
+
+
+def models_note(*files: str) -> str:
+    """The line of a first Note that names the models to download."""
+    return f"Models (in ComfyUI/models; sources and licences in the README's Models table): " + \
+        "; ".join(MODELS[f] for f in files) + "."
+
 NEGATIVE = "blurry, lowres, deformed, watermark, text"
 SAMPLER = {"seed": 42, "steps": 50, "cfg": 7.5, "sampler_name": "ddim", "scheduler": "ddim_uniform", "denoise": 1.0}
 APPLY = {"trigger": "", "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}
@@ -24,7 +42,8 @@ APPLY = {"trigger": "", "strength": 1.0, "start_percent": 0.0, "end_percent": 1.
 
 TITLE = 30  # the frontend draws a node's title bar above its position
 SLOT = 20  # and its sockets 20 apart from 14 below it
-ROW = 160  # first row of nodes; the Notes sit above it
+NOTE_HEIGHT = 140
+ROW = NOTE_HEIGHT + 60  # first row of nodes; the Notes sit above it
 SCALE = 0.8  # the saved view: every workflow fits a 1920x1080 screen at 80%, in every frontend of FRONTENDS
 MARGIN = 16  # screen pixels wanted between the graph and the bars and toolbars over the canvas
 
@@ -41,8 +60,10 @@ def bus(x: int, *ys: int) -> list[tuple[int, int]]:
 def workflows(Node, Note) -> dict[str, list]:
     def identity_note(i, text, files="my_identity.safetensors"):
         """The first Note of a workflow that needs identity files: which, and how to make them."""
-        return Note(i, (0, 0), f"Needs {files} in models/sefi_identities: make it with workflow 1_train_and_generate "
-                               f"(one photo, about 1000 steps).\n\n{text}", size=(1100, 100))
+        how = ("make each with workflow 1_train_and_generate, once per person with that name and trigger"
+               if " and " in files else "make it with workflow 1_train_and_generate")
+        return Note(i, (0, 0), f"Needs {files} in models/sefi_identities: {how} (one photo, about 1000 steps). "
+                               f"{models_note(CKPT['ckpt_name'])}\n\n{text}", size=(1100, NOTE_HEIGHT))
 
     ckpt = Node(1, "CheckpointLoaderSimple", (0, ROW), CKPT, size=(320, 100))
     m, c, v = (1, 0), (1, 1), (1, 2)
@@ -61,8 +82,8 @@ def workflows(Node, Note) -> dict[str, list]:
         size=(300, 180))
     def saved_identity_columns():
         """Checkpoint and identity file, then Apply (node 3), the negative prompt (4) and the empty latent (5)."""
-        return [ckpt, load_identity(2, (0, 310), "my_identity.safetensors"), apply(3, (360, ROW), m, c, (2, 0)),
-                negative(4, (360, 400), c), latent(5, (360, 560))]
+        return [ckpt, load_identity(2, (0, ROW + 150), "my_identity.safetensors"), apply(3, (360, ROW), m, c, (2, 0)),
+                negative(4, (360, ROW + 240), c), latent(5, (360, ROW + 400))]
 
     top = ROW - 45  # a corridor between the Notes and the first row's title bars, for the VAE wire
     vae_over_the_top = lambda x: (1, 2, [(340, top), (x - 24, top)])
@@ -72,21 +93,21 @@ def workflows(Node, Note) -> dict[str, list]:
         Note(100, (0, 0), "1. Train an identity from one photo\n\nLoad your SD1.x checkpoint and ONE photo of the person "
              "(or pet). SeFi Train Identity learns ten tokens (~30 KB) in about 1000 steps, shows its loss and a preview "
              "every 250 steps on the node and saves models/sefi_identities/my_identity.safetensors. Settings are the paper's; class_word 'dog', 'cat'... "
-             "for non-faces. Cancel stops it and saves nothing; change the name (or turn on overwrite) to train again.",
-             size=(680, 100)),
+             "for non-faces. Cancel stops it and saves nothing; change the name (or turn on overwrite) to train again.\n"
+             + models_note(CKPT["ckpt_name"]), size=(680, NOTE_HEIGHT)),
         Note(101, (720, 0), "2. Generate with it straight away\n\nSeFi Apply Stage Tokens patches a copy of the model "
              "and CLIP. Write the trigger 'sks' in the prompt with any scene, action or facial attribute: 'sks as an old "
-             "man playing guitar in Paris'. Workflows 2-5 use the saved file.", size=(700, 100)),
+             "man playing guitar in Paris'. Workflows 2-5 use the saved file.", size=(700, NOTE_HEIGHT)),
         ckpt,
-        Node(2, "LoadImage", (0, 310), {"image": "example.png"}, size=(320, 360)),
+        Node(2, "LoadImage", (0, ROW + 150), {"image": "example.png"}, size=(320, 360)),
         Node(3, "SefiTrainIdentity", (360, ROW), {"name": "my_identity", "trigger": "sks", "class_word": "person"},
              {"model": m, "clip": c, "vae": v, "image": (2, 0)}, size=(320, 640)),
         apply(5, (720, ROW), m, c, (3, 0)),
-        Node(24, "SaveImage", (720, 420), {"filename_prefix": "sefi_training_previews"}, {"images": (3, 2)},
+        Node(24, "SaveImage", (720, ROW + 260), {"filename_prefix": "sefi_training_previews"}, {"images": (3, 2)},
              size=(300, 280), title="Training previews"),
         positive(20, (1060, ROW), (5, 1), "a photo of sks as an old man playing guitar in Paris", width=320),
-        negative(7, (1060, 330), (5, 1), width=320),
-        latent(8, (1060, 480)),
+        negative(7, (1060, ROW + 170), (5, 1), width=320),
+        latent(8, (1060, ROW + 320)),
         sampler(21, (1420, ROW), {"model": (5, 0), "positive": (20, 0), "negative": (7, 0), "latent_image": (8, 0)}),
         decode(22, (1740, ROW), (21, 0), vae_over_the_top(1740)),
         save(23, (1940, ROW), (22, 0), "sefi_train", size=(260, 300)),
@@ -120,11 +141,11 @@ def workflows(Node, Note) -> dict[str, list]:
         identity_note(100, "Two identities in one image: train each person separately (paper Fig. 8), then chain two "
                       "SeFi Apply Stage Tokens nodes with different triggers ('sks' and 'zwx') and name both in one "
                       "prompt.", files="my_identity.safetensors and friend.safetensors (trigger 'zwx')"),
-        ckpt, load_identity(2, (0, 310), "my_identity.safetensors"), load_identity(3, (0, 440), "friend.safetensors"),
+        ckpt, load_identity(2, (0, ROW + 150), "my_identity.safetensors"), load_identity(3, (0, ROW + 280), "friend.safetensors"),
         apply(4, (360, ROW), m, c, (2, 0), trigger="sks"),
-        apply(5, (700, ROW), (4, 0), (4, 1), (3, 0, [(680, 380)]), trigger="zwx"),
+        apply(5, (700, ROW), (4, 0), (4, 1), (3, 0, [(680, ROW + 220)]), trigger="zwx"),
         positive(6, (1040, ROW), (5, 1), "a photo of sks and zwx having coffee together in a cafe", width=320),
-        negative(7, (1040, 330), (5, 1), width=320), latent(8, (1040, 480)),
+        negative(7, (1040, ROW + 170), (5, 1), width=320), latent(8, (1040, ROW + 320)),
         sampler(9, (1400, ROW), {"model": (5, 0), "positive": (6, 0), "negative": (7, 0), "latent_image": (8, 0)}),
         decode(10, (1720, ROW), (9, 0), vae_over_the_top(1720)),
         save(11, (1920, ROW), (10, 0), "sefi_two"),
@@ -135,13 +156,13 @@ def workflows(Node, Note) -> dict[str, list]:
                       "MaskEditor and paint over the face (an empty mask is an error). ComfyUI's own VAE Encode (for "
                       "Inpainting) keeps everything outside the mask; the prompt with the trigger repaints the face as "
                       "that person. With the SD1.5 inpainting checkpoint use InpaintModelConditioning instead."),
-        ckpt, load_identity(2, (0, 310), "my_identity.safetensors"),
-        Node(4, "LoadImage", (0, 440), {"image": "example.png"}, size=(320, 360), title="Photo (paint the face mask)"),
+        ckpt, load_identity(2, (0, ROW + 150), "my_identity.safetensors"),
+        Node(4, "LoadImage", (0, ROW + 280), {"image": "example.png"}, size=(320, 360), title="Photo (paint the face mask)"),
         apply(3, (360, ROW), m, c, (2, 0)),
         positive(10, (700, ROW), (3, 1), "a photo of sks smiling"),
-        negative(6, (700, 330), (3, 1), width=360),
-        Node(5, "VAEEncodeForInpaint", (700, 480), {"grow_mask_by": 6},
-             {"pixels": (4, 0), "vae": (1, 2, [(340, 400)]), "mask": (4, 1)},
+        negative(6, (700, ROW + 170), (3, 1), width=360),
+        Node(5, "VAEEncodeForInpaint", (700, ROW + 320), {"grow_mask_by": 6},
+             {"pixels": (4, 0), "vae": (1, 2, [(340, ROW + 240)]), "mask": (4, 1)},
              size=(360, 100)),
         sampler(11, (1100, ROW), {"model": (3, 0), "positive": (10, 0), "negative": (6, 0), "latent_image": (5, 0)}),
         decode(12, (1420, ROW), (11, 0), vae_over_the_top(1420)),
@@ -149,7 +170,7 @@ def workflows(Node, Note) -> dict[str, list]:
     ]
 
     prompt = "a photo of sks enjoying a cup of latte"
-    below = 700  # a corridor under the first row, for the plain model and CLIP of the "without" preview
+    below = ROW + 540  # a corridor under the first row, for the plain model and CLIP of the "without" preview
     preview = lambda i, x, model, clip, vae, title: Node(
         i, "SefiAttentionMapPreview", (x, ROW), {"prompt": prompt, "words": "sks, cup, latte"},
         {"model": model, "clip": clip, "latent": (21, 0), "vae": vae}, size=(390, 500), title=title)
@@ -164,16 +185,16 @@ def workflows(Node, Note) -> dict[str, list]:
         preview(30, 1380, (3, 0), (3, 1), (1, 2, [(340, top), (1356, top)]), "With the identity"),
         preview(31, 1810, (1, 0, [(340, below), (1786, below)]), (1, 1, [(352, below + 16), (1786, below + 16)]),
                 (1, 2, [(340, top), (1356, top), (1786, top)]), "Without (plain model and CLIP)"),
-        decode(22, (1380, 760), (21, 0), (1, 2, [(340, top), (1356, top)])),
-        save(23, (1580, 760), (22, 0), "sefi_preview", size=(260, 240)),
+        decode(22, (1380, ROW + 600), (21, 0), (1, 2, [(340, top), (1356, top)])),
+        save(23, (1580, ROW + 600), (22, 0), "sefi_preview", size=(260, 240)),
     ]
     out["6_pva_face_inpainting"] = pva_face_inpainting(Node, Note, decode, save, negative, positive)
     out["7_sefi_vs_pva"] = sefi_vs_pva(Node, Note)
     return out
 
 
-INPAINT_CKPT = {"ckpt_name": "sd-v1-5-inpainting.safetensors"}
-PVA_FILES = {"recognizer_file": "arcface_r100.pth", "encoder_file": "my_pva_encoder.safetensors"}
+INPAINT_CKPT = {"ckpt_name": "sd-v1-5-inpainting.ckpt"}
+PVA_FILES = {"recognizer_file": "ms1mv3_arcface_r50.pth", "encoder_file": "my_pva_encoder.safetensors"}
 PVA_PROMPT = "photo of a sks person"  # the paper's prompt with the learned word
 PVA_APPLY = {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "on_negative": True}
 
@@ -188,26 +209,25 @@ def inpaint_conditioning(Node, i, pos, positive, negative, vae, photo, width=320
 def pva_face_inpainting(Node, Note, decode, save, negative, positive) -> list:
     top = ROW - 45
     return [
-        Note(100, (0, 0), "Needs, in models/: face_recognizers/arcface_r100.pth (an ArcFace iresnet backbone, e.g. "
-             "InsightFace's), pva_encoders/my_pva_encoder.safetensors (no pretrained PVA encoder exists publicly: train "
-             "one with PVA Train Encoder on photos of many people, see the README) and the SD1.5 inpainting checkpoint "
-             "in checkpoints/.", size=(860, 100)),
+        Note(100, (0, 0), "Needs pva_encoders/my_pva_encoder.safetensors in ComfyUI/models (no pretrained PVA encoder "
+             "exists publicly: train one with PVA Train Encoder on photos of many people, workflow 8_pva_train_encoder). "
+             + models_note(INPAINT_CKPT["ckpt_name"], PVA_FILES["recognizer_file"]), size=(860, NOTE_HEIGHT)),
         Note(101, (900, 0), "1. PVA Fine-tune Identity: 1-5 photos of the person (aligned face crops, a batch or Load "
              "Image (from Folder)); 40 steps (the paper: about a minute on a GPU); saves models/pva_identities/my_pva_identity."
              "\n2. Paint the face on the photo to repaint (right-click > Open in MaskEditor); PVA Apply and ComfyUI's "
-             "InpaintModelConditioning repaint it as that person: prompt 'photo of a sks person'.", size=(860, 100)),
+             "InpaintModelConditioning repaint it as that person: prompt 'photo of a sks person'.", size=(860, NOTE_HEIGHT)),
         Node(1, "CheckpointLoaderSimple", (0, ROW), INPAINT_CKPT, size=(320, 100)),
-        Node(2, "PVALoadFaceRecognizer", (0, 310), {"recognizer_file": PVA_FILES["recognizer_file"]}, size=(320, 80)),
-        Node(3, "PVALoadEncoder", (0, 440), {"encoder_file": PVA_FILES["encoder_file"]}, size=(320, 80)),
-        Node(4, "LoadImage", (0, 570), {"image": "example.png"}, size=(320, 360), title="Photos of the person"),
+        Node(2, "PVALoadFaceRecognizer", (0, ROW + 150), {"recognizer_file": PVA_FILES["recognizer_file"]}, size=(320, 80)),
+        Node(3, "PVALoadEncoder", (0, ROW + 280), {"encoder_file": PVA_FILES["encoder_file"]}, size=(320, 80)),
+        Node(4, "LoadImage", (0, ROW + 410), {"image": "example.png"}, size=(320, 360), title="Photos of the person"),
         Node(5, "PVAFineTuneIdentity", (360, ROW), {"name": "my_pva_identity", "trigger": "sks"},
              {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "image": (4, 0), "face_recognizer": (2, 0),
               "pva_encoder": (3, 0)}, size=(270, 620)),
         Node(6, "PVAApply", (670, ROW), PVA_APPLY, {"model": (1, 0), "clip": (1, 1), "pva_identity": (5, 0)},
              size=(250, 180)),
-        Node(7, "LoadImage", (670, 400), {"image": "example.png"}, size=(250, 360), title="Photo (paint the face mask)"),
+        Node(7, "LoadImage", (670, ROW + 240), {"image": "example.png"}, size=(250, 360), title="Photo (paint the face mask)"),
         positive(10, (960, ROW), (6, 1), PVA_PROMPT, width=240),
-        negative(11, (960, 330), (6, 1), width=240),
+        negative(11, (960, ROW + 170), (6, 1), width=240),
         inpaint_conditioning(Node, 12, (1240, ROW), (10, 0), (11, 0), (1, 2, [(340, top), (1216, top)]), 7, width=240),
         Node(13, "KSampler", (1520, ROW), SAMPLER, {"model": (6, 0), "positive": (12, 0), "negative": (12, 1),
                                                     "latent_image": (12, 2)}, size=(240, 262)),
@@ -222,14 +242,14 @@ def sefi_vs_pva(Node, Note) -> list:
     out = [
         Note(100, (0, 0), "Needs my_identity.safetensors in models/sefi_identities (make it with workflow "
              "1_train_and_generate, one photo) and my_pva_identity.safetensors in models/pva_identities (workflow "
-             "6_pva_face_inpainting, 1-5 photos) of the same person, and the SD1.5 inpainting checkpoint. Paint the "
-             "face on the photo (right-click > Open in MaskEditor).", size=(860, 100)),
+             "6_pva_face_inpainting, 1-5 photos) of the same person. Paint the face on the photo (right-click > Open in "
+             "MaskEditor). " + models_note(INPAINT_CKPT["ckpt_name"]), size=(860, NOTE_HEIGHT)),
         Note(101, (900, 0), "The same photo, mask and seed, repainted twice through ComfyUI's own "
              "InpaintModelConditioning. Top: SeFi, ten learned tokens in the text's keys and values (prompt 'a photo "
              "of sks'). Bottom: PVA, the encoder's visual tokens in a parallel attention beside the text (prompt "
-             "'photo of a sks person').", size=(860, 100)),
+             "'photo of a sks person').", size=(860, NOTE_HEIGHT)),
         Node(1, "CheckpointLoaderSimple", (0, ROW), INPAINT_CKPT, size=(300, 100)),
-        Node(2, "LoadImage", (0, 310), {"image": "example.png"}, size=(300, 360), title="Photo (paint the face mask)"),
+        Node(2, "LoadImage", (0, ROW + 150), {"image": "example.png"}, size=(300, 360), title="Photo (paint the face mask)"),
         Node(3, "SefiLoadIdentity", (350, rows[0]), {"identity_file": "my_identity.safetensors"}, size=(240, 80)),
         Node(4, "PVALoadIdentity", (350, rows[1]), {"pva_identity_file": "my_pva_identity.safetensors"},
              size=(240, 80)),
