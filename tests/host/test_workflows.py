@@ -12,29 +12,32 @@ import pytest
 import torch
 from PIL import Image
 
-from sefi_core.sefi.identity import Identity, save_identity
+from sefi_core.sefi.identity import Identity, load_identity, save_identity
 from sefi_testkit.frontends import FRONTENDS, TITLE
-from sefi_testkit.pva import write_pva_identity
+from sefi_testkit.pva import write_dataset, write_pva_identity
 from sefi_testkit.workflow_format import VIRTUAL_NODES, combo_errors, link_type_errors, to_api
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 # The user's own files, picked in the UI, and the suite's stand-ins (the random recognizer and encoder of pva_files).
 USER_FILES = {"ckpt_name": "tiny.safetensors", "image": "astronaut.png", "recognizer_file": "r18.safetensors",
-              "encoder_file": "random.safetensors"}
-# Which workflow or node makes each file a workflow loads, as its first Note must say.
-MADE_BY = {"SefiLoadIdentity": "workflow 1_train_and_generate", "PVALoadIdentity": "workflow 6_pva_face_inpainting",
-           "PVALoadEncoder": "PVA Train Encoder", "PVALoadFaceRecognizer": "face_recognizers"}
+              "encoder_file": "random.safetensors", "clip_name": "placeholder_clip_vision.safetensors"}
+# Which workflow or node makes each file a workflow picks (node type, input), as its first Note must say.
+MADE_BY = {("SefiLoadIdentity", "identity_file"): "workflow 1_train_and_generate",
+           ("SefiTrainIdentity", "continue_from"): "workflow 1_train_and_generate",
+           ("PVALoadIdentity", "pva_identity_file"): "workflow 6_pva_face_inpainting",
+           ("PVALoadEncoder", "encoder_file"): "PVA Train Encoder",
+           ("PVALoadFaceRecognizer", "recognizer_file"): "face_recognizers"}
 
 
 def load(path):
     return json.loads(path.read_text())
 
 
-def test_all_seven_workflows_ship():
+def test_all_nine_workflows_ship():
     assert [p.stem for p in WORKFLOWS] == ["1_train_and_generate", "2_saved_identity_prompts", "3_two_identities",
                                           "4_face_inpainting", "5_attention_preview", "6_pva_face_inpainting",
-                                          "7_sefi_vs_pva"]
+                                          "7_sefi_vs_pva", "8_pva_train_encoder", "9_continue_training"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -148,12 +151,16 @@ def small(prompt, mask_image=None):
             inputs.update(steps=2)
         if node["class_type"] in ("SefiTrainIdentity", "PVAFineTuneIdentity"):
             inputs.update(steps=2, resolution=64, overwrite=True)
+        if node["class_type"] == "PVATrainEncoder":
+            inputs.update(steps=1, resolution=64, batch_size=1, accumulation=1, timesteps_per_sample=1, resume=False,
+                          name=f"workflow_encoder_{uuid.uuid4().hex[:8]}")
         if node["class_type"] == "SefiAttentionMapPreview":
             inputs.update(layers="all layers")  # the tiny model has no 1/2-latent layers
     return prompt
 
 
 def make_identities(host):
+    """The files the workflows pick that the pack makes (identities), a CLIP vision name and a dataset folder."""
     g = torch.Generator().manual_seed(0)
     for name, trigger in (("my_identity", "sks"), ("friend", "zwx")):
         path = host.identity_dir / f"{name}.safetensors"
@@ -162,6 +169,10 @@ def make_identities(host):
                                    trigger), path)
     if not (host.pva_identity_dir / "my_pva_identity.safetensors").exists():
         write_pva_identity(host, "my_pva_identity.safetensors")
+    clip_vision = Path(host.folder_paths.get_folder_paths("clip_vision")[0]) / USER_FILES["clip_name"]
+    clip_vision.parent.mkdir(parents=True, exist_ok=True)
+    clip_vision.write_bytes(b"")  # a name for the picker: workflow 8's CLIP vision nodes are left unconnected
+    write_dataset(host)  # input/pva_dataset, the folder workflow 8 trains on
 
 
 def face_mask_image(host) -> str:
@@ -176,11 +187,19 @@ def face_mask_image(host) -> str:
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_runs_end_to_end(host, path, pva_files):
     make_identities(host)
-    prompt = small(to_api(load(path), host.nodes.NODE_CLASS_MAPPINGS), mask_image=face_mask_image(host))
+    registry = host.nodes.NODE_CLASS_MAPPINGS
+    prompt = small(to_api(load(path), registry), mask_image=face_mask_image(host))
+    continued = [n["inputs"] for n in prompt.values() if n["inputs"].get("continue_from", "none").endswith(".safetensors")]
+    if continued:  # the identity it continues, trained with its state by workflow 1 (at the same small settings)
+        first = small(to_api(load(WORKFLOWS[0]), registry))
+        assert host.run(first).success
+        assert continued[0]["continue_from"] == f"{continued[0]['name'].removesuffix('_more')}.safetensors"
     result = host.run(prompt)
     assert result.success, result.error or result.node_errors
     images = [i for out in result.outputs.values() for i in out.get("images", [])]
     assert images, "the workflow produced no image"
+    if continued:
+        assert load_identity(host.identity_dir / f"{continued[0]['name']}.safetensors").training["steps"] == 4
 
 
 MIN_SCALE = 0.8
@@ -238,12 +257,15 @@ def test_workflow_opens_ready_to_read(path, version):
 
 
 @pytest.mark.parametrize("path", WORKFLOWS[1:], ids=lambda p: p.stem)
-def test_workflows_with_saved_files_say_which_and_how_to_make_them(path):
+def test_workflows_with_saved_files_say_which_and_how_to_make_them(host, path):
     """The first Note names every file the workflow's loaders pick and what makes it."""
-    nodes = load(path)["nodes"]
-    notes = sorted((n for n in nodes if n["type"] == "Note"), key=lambda n: (n["pos"][1], n["pos"][0]))
-    loaded = {(n["type"], n["widgets_values"][0]) for n in nodes if n["type"] in MADE_BY}
+    workflow = load(path)
+    notes = sorted((n for n in workflow["nodes"] if n["type"] == "Note"), key=lambda n: (n["pos"][1], n["pos"][0]))
     first = notes[0]["widgets_values"][0]
-    assert loaded, "workflows 2-7 load saved files"
-    for node_type, file in loaded:
-        assert file in first and MADE_BY[node_type] in first, (node_type, file)
+    api = to_api(workflow, host.nodes.NODE_CLASS_MAPPINGS)
+    loaded = {(key, node["inputs"][key[1]]) for node in api.values() for key in MADE_BY
+              if node["class_type"] == key[0] and key[1] in node["inputs"]}
+    loaded = {(key, file) for key, file in loaded if not file.startswith("none")}  # continue_from: a new identity
+    assert loaded, "workflows 2-9 pick saved files"
+    for key, file in loaded:
+        assert Path(file).stem in first and MADE_BY[key] in first, (key, file)

@@ -22,10 +22,11 @@ _MIN_SIZE_1_27 = {"CheckpointLoaderSimple": (210, 98), "LoadImage": (215, 326), 
                   "KSampler": (210, 262), "VAEDecode": (140, 46), "SaveImage": (210, 58), "SefiLoadIdentity": (210, 78),
                   "VAEEncodeForInpaint": (213, 98), "SefiAttentionMapPreview": (235, 234), "Note": (210, 88),
                   "InpaintModelConditioning": (210, 138), "PVALoadFaceRecognizer": (212, 58), "PVALoadEncoder": (210, 58),
-                  "PVAFineTuneIdentity": (233, 394), "PVAApply": (210, 170), "PVALoadIdentity": (210, 78)}
+                  "PVAFineTuneIdentity": (233, 394), "PVAApply": (210, 170), "PVALoadIdentity": (210, 78),
+                  "CLIPVisionLoader": (210, 58), "PVAClipVisionFeatures": (270, 26), "PVATrainEncoder": (237, 570)}
 _MIN_SIZE_1_49 = {**_MIN_SIZE_1_27, "LoadImage": (223, 326), "SefiTrainIdentity": (237, 498), "CLIPTextEncode": (219, 88),
                   "VAEEncodeForInpaint": (223, 98), "SefiAttentionMapPreview": (245, 234), "PVAFineTuneIdentity": (241, 394),
-                  "PVALoadFaceRecognizer": (219, 58)}
+                  "PVALoadFaceRecognizer": (219, 58), "PVAClipVisionFeatures": (279, 26), "PVATrainEncoder": (245, 570)}
 FRONTENDS = {
     "1.27.10": {"canvas": (64, 78), "visible": (64, 78, 1920, 1080), "covered": [(1596, 1018, 1904, 1064)],
                 "title": 30, "min_size": _MIN_SIZE_1_27},

@@ -154,7 +154,8 @@ def to_api(workflow: dict, registry) -> dict:
     return prompt
 
 
-USER_FILE_INPUTS = ("ckpt_name", "image", "identity_file", "pva_identity_file", "recognizer_file", "encoder_file")
+USER_FILE_INPUTS = ("ckpt_name", "image", "identity_file", "pva_identity_file", "recognizer_file", "encoder_file",
+                    "clip_name", "continue_from")
 
 
 def combo_errors(prompt: dict, registry, user_files=USER_FILE_INPUTS) -> list[str]:

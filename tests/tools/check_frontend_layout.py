@@ -149,7 +149,7 @@ def frontend_version(page) -> str:
 
 MODEL_FOLDERS = {"CheckpointLoaderSimple": "checkpoints", "SefiLoadIdentity": "sefi_identities",
                  "PVALoadIdentity": "pva_identities", "PVALoadEncoder": "pva_encoders",
-                 "PVALoadFaceRecognizer": "face_recognizers"}  # each loader's file, under models/
+                 "PVALoadFaceRecognizer": "face_recognizers", "CLIPVisionLoader": "clip_vision"}  # each loader's file, under models/
 
 
 def prepare(work: Path, workflows: dict) -> None:

@@ -27,6 +27,9 @@ MODELS = {
     "ms1mv3_arcface_r50.pth": "face_recognizers/ms1mv3_arcface_r50.pth (ArcFace r50, 175 MB: InsightFace's "
                               "arcface_torch model zoo, ms1mv3_arcface_r50_fp16/backbone.pth renamed; non-commercial "
                               "research only)",
+    "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors": "optionally clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors "
+                                                   "(OpenCLIP ViT-H/14, 2.5 GB, Hugging Face h94/IP-Adapter, "
+                                                   "models/image_encoder/model.safetensors renamed; MIT)",
 }
 
 
@@ -89,6 +92,24 @@ def workflows(Node, Note) -> dict[str, list]:
     vae_over_the_top = lambda x: (1, 2, [(340, top), (x - 24, top)])
     out = {}
 
+    def train_and_generate(training: dict) -> list:
+        """Checkpoint and photo -> SeFi Train Identity (`training`: its widgets) -> Apply -> generate."""
+        return [
+            ckpt,
+            Node(2, "LoadImage", (0, ROW + 150), {"image": "example.png"}, size=(320, 360)),
+            Node(3, "SefiTrainIdentity", (360, ROW), {"trigger": "sks", "class_word": "person", **training},
+                 {"model": m, "clip": c, "vae": v, "image": (2, 0)}, size=(320, 640)),
+            apply(5, (720, ROW), m, c, (3, 0)),
+            Node(24, "SaveImage", (720, ROW + 260), {"filename_prefix": "sefi_training_previews"}, {"images": (3, 2)},
+                 size=(300, 280), title="Training previews"),
+            positive(20, (1060, ROW), (5, 1), "a photo of sks as an old man playing guitar in Paris", width=320),
+            negative(7, (1060, ROW + 170), (5, 1), width=320),
+            latent(8, (1060, ROW + 320)),
+            sampler(21, (1420, ROW), {"model": (5, 0), "positive": (20, 0), "negative": (7, 0), "latent_image": (8, 0)}),
+            decode(22, (1740, ROW), (21, 0), vae_over_the_top(1740)),
+            save(23, (1940, ROW), (22, 0), "sefi_train", size=(260, 300)),
+        ]
+
     out["1_train_and_generate"] = [
         Note(100, (0, 0), "1. Train an identity from one photo\n\nLoad your SD1.x checkpoint and ONE photo of the person "
              "(or pet). SeFi Train Identity learns ten tokens (~30 KB) in about 1000 steps, shows its loss and a preview "
@@ -98,19 +119,7 @@ def workflows(Node, Note) -> dict[str, list]:
         Note(101, (720, 0), "2. Generate with it straight away\n\nSeFi Apply Stage Tokens patches a copy of the model "
              "and CLIP. Write the trigger 'sks' in the prompt with any scene, action or facial attribute: 'sks as an old "
              "man playing guitar in Paris'. Workflows 2-5 use the saved file.", size=(700, NOTE_HEIGHT)),
-        ckpt,
-        Node(2, "LoadImage", (0, ROW + 150), {"image": "example.png"}, size=(320, 360)),
-        Node(3, "SefiTrainIdentity", (360, ROW), {"name": "my_identity", "trigger": "sks", "class_word": "person"},
-             {"model": m, "clip": c, "vae": v, "image": (2, 0)}, size=(320, 640)),
-        apply(5, (720, ROW), m, c, (3, 0)),
-        Node(24, "SaveImage", (720, ROW + 260), {"filename_prefix": "sefi_training_previews"}, {"images": (3, 2)},
-             size=(300, 280), title="Training previews"),
-        positive(20, (1060, ROW), (5, 1), "a photo of sks as an old man playing guitar in Paris", width=320),
-        negative(7, (1060, ROW + 170), (5, 1), width=320),
-        latent(8, (1060, ROW + 320)),
-        sampler(21, (1420, ROW), {"model": (5, 0), "positive": (20, 0), "negative": (7, 0), "latent_image": (8, 0)}),
-        decode(22, (1740, ROW), (21, 0), vae_over_the_top(1740)),
-        save(23, (1940, ROW), (22, 0), "sefi_train", size=(260, 300)),
+        *train_and_generate({"name": "my_identity"}),
     ]
 
     prompts = [("Scene", "a photo of sks standing in front of the Eiffel Tower at sunset"),
@@ -190,11 +199,26 @@ def workflows(Node, Note) -> dict[str, list]:
     ]
     out["6_pva_face_inpainting"] = pva_face_inpainting(Node, Note, decode, save, negative, positive)
     out["7_sefi_vs_pva"] = sefi_vs_pva(Node, Note)
+    out["8_pva_train_encoder"] = pva_train_encoder(Node, Note, save)
+
+    out["9_continue_training"] = [
+        Note(100, (0, 0), "Continue a training\n\nNeeds my_identity.safetensors in models/sefi_identities with its "
+             "training state in models/sefi_training_state: workflow 1_train_and_generate saves both (keep_training_state "
+             "on). continue_from trains it 'steps' more with its own settings, trigger and class word, and saves "
+             "my_identity_more; with the same photo, 1000 + 1000 steps end where 2000 end.\n" + models_note(CKPT["ckpt_name"]),
+             size=(680, NOTE_HEIGHT)),
+        Note(101, (720, 0), "Then generate with it\n\nMore steps: more likeness, less room for the prompt. Compare with "
+             "the first run's file (workflow 2) at the same seed; if the prompt stops being followed, keep the earlier "
+             "file or lower strength. Cancel stops and saves nothing: the identity and its state stay as they were.",
+             size=(700, NOTE_HEIGHT)),
+        *train_and_generate({"name": "my_identity_more", "continue_from": "my_identity.safetensors"}),
+    ]
     return out
 
 
 INPAINT_CKPT = {"ckpt_name": "sd-v1-5-inpainting.ckpt"}
 PVA_FILES = {"recognizer_file": "ms1mv3_arcface_r50.pth", "encoder_file": "my_pva_encoder.safetensors"}
+CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 PVA_PROMPT = "photo of a sks person"  # the paper's prompt with the learned word
 PVA_APPLY = {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "on_negative": True}
 
@@ -233,6 +257,32 @@ def pva_face_inpainting(Node, Note, decode, save, negative, positive) -> list:
                                                     "latent_image": (12, 2)}, size=(240, 262)),
         decode(14, (1800, ROW), (13, 0), (1, 2, [(340, top), (1776, top)])),
         save(15, (1990, ROW), (14, 0), "pva_inpaint", size=(210, 300)),
+    ]
+
+
+def pva_train_encoder(Node, Note, save) -> list:
+    """PVA Train Encoder on a folder of people with ArcFace; CLIP vision features beside it as the other source."""
+    return [
+        Note(100, (0, 0), "Needs ComfyUI/input/pva_dataset: one sub-folder per person, 2+ aligned face photos each "
+             "(optional photo.mask.png face masks and photo.txt captions). The paper trained on CelebAHQ-IDI (1,963 "
+             "people; see the README) in two stages of up to 50k steps on a large GPU; a few people and 1000 steps "
+             "make a first test. " + models_note(INPAINT_CKPT["ckpt_name"], PVA_FILES["recognizer_file"], CLIP_VISION),
+             size=(900, NOTE_HEIGHT)),
+        Note(101, (940, 0), "1. Stage 1 trains the encoder, every layer's visual projections and the learned word, "
+             "saving models/pva_encoders/my_pva_encoder and its state every save_every steps: Cancel keeps the last save, "
+             "Queue again resumes.\n2. Stage 2 also tunes the recognizer: connect PVA Load Encoder (the stage-1 file) to "
+             "pva_encoder, pick stage 2 and a new name.\nOr read the photos with CLIP vision: connect PVA Face Features "
+             "from CLIP Vision (left) to face_recognizer (stage 1 only). Workflow 6 then fine-tunes a person.",
+             size=(900, NOTE_HEIGHT)),
+        Node(1, "CheckpointLoaderSimple", (0, ROW), INPAINT_CKPT, size=(320, 100)),
+        Node(2, "PVALoadFaceRecognizer", (0, ROW + 150), {"recognizer_file": PVA_FILES["recognizer_file"]},
+             size=(320, 80)),
+        Node(3, "CLIPVisionLoader", (0, ROW + 290), {"clip_name": CLIP_VISION}, size=(320, 80),
+             title="Or: Load CLIP Vision"),
+        Node(4, "PVAClipVisionFeatures", (360, ROW + 290), {}, {"clip_vision": (3, 0)}, size=(300, 60)),
+        Node(5, "PVATrainEncoder", (700, ROW), {"dataset_folder": "pva_dataset", "name": "my_pva_encoder"},
+             {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "face_recognizer": (2, 0)}, size=(340, 620)),
+        save(6, (1080, ROW), (5, 1), "pva_encoder_loss", size=(400, 340)),
     ]
 
 
