@@ -46,6 +46,14 @@ class TrainingProgress:
 
     def show_preview(self, step: int, image) -> None:
         self.bar.update_absolute(step, self.total_steps, ("JPEG", Image.fromarray(image), PREVIEW_SHOWN_SIZE))
+        self.previewed = True
+
+    def end_on(self, curve: torch.Tensor) -> None:
+        """After a run that showed previews, the loss curve (an IMAGE) as the last one: frontends keep a node's last
+        progress preview over the images it outputs, so without it the node would end on a preview."""
+        if getattr(self, "previewed", False):
+            picture = Image.fromarray((curve[0].numpy() * 255).round().astype("uint8"))
+            self.bar.update_absolute(self.total_steps, self.total_steps, ("PNG", picture, max(picture.size)))
 
 
 def loss_curve(losses: list[float], total_steps: int, title: str) -> torch.Tensor:

@@ -276,6 +276,7 @@ class SefiTrainIdentity(io.ComfyNode):
                               gradient_checkpointing, progress, masks, preview_every, previews, plan.resume)
         identity = cls.save(result, plan, clip, path, overwrite, photos_id, keep_training_state)
         curve = loss_curve(result.losses, plan.settings.steps, "SeFi training loss")
+        progress.end_on(curve)
         return io.NodeOutput(identity, curve, previews.strip(), ui=ui.PreviewImage(curve, cls=cls))
 
     @classmethod

@@ -388,6 +388,7 @@ def test_a_subject_mask_that_does_not_fit_the_photo_is_refused_before_any_work(h
 def test_previews_show_on_the_node_as_training_goes_and_leave_the_tokens_unchanged(host):
     graph = train_graph("previewed", steps=6, preview_every=3, overwrite=True)
     graph["5"] = {"class_type": "SaveImage", "inputs": {"images": ["3", 2], "filename_prefix": "previews"}}
+    graph["6"] = {"class_type": "SaveImage", "inputs": {"images": ["3", 1], "filename_prefix": "curve"}}
     with_previews = host.run(graph)
     assert with_previews.success, with_previews.error
     shown = list(host.previews)
@@ -396,8 +397,12 @@ def test_previews_show_on_the_node_as_training_goes_and_leave_the_tokens_unchang
     tokens_without = load_identity(host.identity_dir / "previewed.safetensors")
     assert torch.equal(tokens_with.k_tokens, tokens_without.k_tokens)  # previews change nothing that is trained
     assert torch.equal(tokens_with.v_tokens, tokens_without.v_tokens)
-    assert [step for step, _ in shown] == [3, 6] and host.previews == []
-    assert all(kind == "JPEG" and picture.size == (64, 64) for _, (kind, picture, _) in shown)  # 64 px training
+    assert [step for step, _ in shown] == [3, 6, 6] and host.previews == []
+    assert all(kind == "JPEG" and picture.size == (64, 64) for _, (kind, picture, _) in shown[:2])  # 64 px training
+    # then the loss curve, so that the node ends on it (frontends keep the last progress preview over the outputs)
+    curve = np.asarray(Image.open(host.saved_images(with_previews, "6")[0]).convert("RGB"))  # the loss_curve output
+    kind, picture, _ = shown[2][1]
+    assert kind == "PNG" and np.array_equal(np.asarray(picture.convert("RGB")), curve)
     strip = Image.open(host.saved_images(with_previews, "5")[0])
     assert strip.width == 2 * 64 and strip.height > 64  # both previews side by side, their steps below
 
