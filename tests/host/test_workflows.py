@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from sefi_core.sefi.identity import Identity, load_identity, save_identity
+from sefi_testkit import pictures
 from sefi_testkit.frontends import FRONTENDS, TITLE
 from sefi_testkit.pva import write_dataset, write_pva_identity
 from sefi_testkit.workflow_format import VIRTUAL_NODES, combo_errors, link_type_errors, to_api
@@ -269,3 +270,14 @@ def test_workflows_with_saved_files_say_which_and_how_to_make_them(host, path):
     assert loaded, "workflows 2-9 pick saved files"
     for key, file in loaded:
         assert Path(file).stem in first and MADE_BY[key] in first, (key, file)
+
+
+def test_no_picture_is_stale(host):
+    """Every picture make_pictures.py takes (README, help pages, thumbnails) is recorded with a digest of the workflow
+    and the node schemas it shows, and the current nodes and workflows still give that digest: a node that gained an
+    input or a workflow that changed makes its pictures stale until `tests/tools/make_pictures.py` takes them again."""
+    records = json.loads(pictures.PICTURES.read_text())
+    assert sorted(records) == pictures.shipped_pictures(), "a picture without its record, or a record without its picture"
+    stale = {path: r["workflow"] for path, r in records.items()
+             if r["digest"] != pictures.digest(host.nodes.NODE_CLASS_MAPPINGS, r["workflow"])}
+    assert not stale, f"pictures taken from older nodes or workflows; take them again with make_pictures.py: {stale}"

@@ -6,6 +6,8 @@ canvas. Needs Debian's chromium and `pip install playwright`; run after changing
     COMFYUI_PATH=/path/to/ComfyUI python tests/tools/make_pictures.py [--only 6_pva_face_inpainting ...]
 
 --only takes the pictures of the named workflows alone (a new workflow's thumbnail without re-running the others).
+Each picture taken is recorded in tests/data/pictures.json with a digest of what it shows (sefi_testkit/pictures.py),
+which tests/host/test_workflows.py checks against the current nodes and workflows.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ THUMBNAIL = (480, 270)
 DEMO = {  # small settings so the runs take minutes on a CPU; the checkpoint has random weights
     "CheckpointLoaderSimple": {"ckpt_name": "tiny.safetensors"},
     "LoadImage": {"image": "astronaut.png"},
-    "SefiTrainIdentity": {"steps": 150, "resolution": 128, "overwrite": True},
+    "SefiTrainIdentity": {"steps": 150, "resolution": 128, "overwrite": True, "preview_every": 50},
     "KSampler": {"steps": 12, "seed": 1},
     "EmptyLatentImage": {"width": 256, "height": 256},
     "SefiAttentionMapPreview": {"layers": "all layers"},
@@ -91,6 +93,8 @@ def main() -> None:
     from sefi_testkit.checkpoint import write_checkpoint
     from sefi_testkit.comfy_env import find_comfyui
     from sefi_testkit.frontend import Frontend, prepare_user_settings
+    from sefi_testkit.host import Host
+    from sefi_testkit.pictures import record
     from sefi_testkit.server import ComfyServer
 
     from check_frontend_layout import prepare
@@ -114,6 +118,8 @@ def main() -> None:
         sys.exit(f"no such workflow: {sorted(set(args.only) - set(workflows))}; choose from workflows/*.json")
     prepare(work, workflows)  # the files they name, as placeholders: the pickers show them and no error covers a picture
 
+    taken = {}  # picture (from the repository root) -> the workflow it shows
+    shot = lambda path, name: taken.setdefault(str(path.relative_to(ROOT)), name)
     with ComfyServer(comfy_path, ROOT, work) as server, Frontend(server) as frontend:
         for name, workflow in workflows.items():
             frontend.load(workflow)
@@ -123,21 +129,31 @@ def main() -> None:
                 print(f"ran {name}")
             frontend.screenshot(shots / f"{name}.png")
             save_jpeg(shots / f"{name}.png", ROOT / "workflows" / f"{name}.jpg", THUMBNAIL)
+            shot(ROOT / "workflows" / f"{name}.jpg", name)
             if name == "1_train_and_generate":
                 (IMAGES / "loss_curve.png").write_bytes(output_image(server, node_id_of(workflow, "SefiTrainIdentity")))
                 save_jpeg(shots / f"{name}.png", IMAGES / "workflow_1.jpg", (1440, 810))
                 for node_type, file in (("SefiTrainIdentity", "train_node.png"), ("SefiApplyStageTokens", "apply_node.png")):
                     node_picture(frontend, node_id_of(workflow, node_type), IMAGES / file)
+                for file in ("loss_curve.png", "workflow_1.jpg", "train_node.png", "apply_node.png"):
+                    shot(IMAGES / file, name)
             if name == "2_saved_identity_prompts":
                 node_picture(frontend, node_id_of(workflow, "SefiLoadIdentity"), IMAGES / "load_node.png")
+                shot(IMAGES / "load_node.png", name)
             if name == "6_pva_face_inpainting":
                 save_jpeg(shots / f"{name}.png", IMAGES / "pva_workflow.jpg", (1440, 810))
+                shot(IMAGES / "pva_workflow.jpg", name)
             if name == "5_attention_preview":
                 with_identity = node_id_of(workflow, "SefiAttentionMapPreview", "With the identity")
                 node_picture(frontend, with_identity, IMAGES / "preview_node.png", scale=1.0)
                 (shots / "attention_preview.png").write_bytes(output_image(server, with_identity))
                 save_jpeg(shots / "attention_preview.png", IMAGES / "attention_preview.jpg")
-    print(f"pictures written; screenshots kept in {shots}, the server's work folder in {work}")
+                shot(IMAGES / "preview_node.png", name)
+                shot(IMAGES / "attention_preview.jpg", name)
+    host = Host(comfy_path, ROOT, tempfile.mkdtemp(prefix="sefi-registry-"))  # the nodes' schemas, for the record
+    record(host.nodes.NODE_CLASS_MAPPINGS, taken)
+    print(f"pictures written and recorded in tests/data/pictures.json; screenshots kept in {shots}, the server's work "
+          f"folder in {work}")
 
 
 if __name__ == "__main__":
