@@ -2,6 +2,7 @@
 previews, and the loss curve every training node gives as an output."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -9,11 +10,20 @@ from PIL import Image
 
 import comfy.model_management
 import comfy.utils
+from comfy_api.latest import io
 
 from ..sefi_core.plot import loss_curve_image, smoothed, smoothing_span
 
 log = logging.getLogger(__name__)
 PREVIEW_SHOWN_SIZE = 512  # the longest side of a preview on the node
+
+
+def schema(**fields) -> io.Schema:
+    """A node's io.Schema with the fields this host's schema takes: `search_aliases` (the words the node search also
+    finds it by, as core nodes have) exists in newer hosts' schema only and is left out on older ones."""
+    if "search_aliases" not in {f.name for f in dataclasses.fields(io.Schema)}:
+        fields.pop("search_aliases", None)
+    return io.Schema(**fields)
 
 
 def show_text_on_node(node_id: str | None, text: str) -> None:

@@ -11,6 +11,7 @@ from comfy_api.latest import io
 
 from ..checks import check_number
 from ..clip_tokens import TriggerTokenizer, model_fingerprint, token_embedding_table, word_token_ids
+from ..node_ui import schema
 from .patch import VisualIdentity, apply_visual_identity
 from .sockets import PVAIdentityType
 
@@ -32,9 +33,10 @@ def clip_with_word(clip, trigger: str, word: torch.Tensor):
 class PVAApply(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="PVAApply",
             display_name="PVA Apply",
+            search_aliases=["inpaint face", "face id", "identity", "personalize", "parallel visual attention"],
             category="PVA",
             description="Parallel visual attention: the inpainting MODEL attends to the person's visual tokens beside "
                         "the prompt, and the CLIP knows their learned word. Then use ComfyUI's InpaintModelConditioning "

@@ -13,6 +13,7 @@ from ...sefi_core.pva.face import IResNet, face_crop
 from ...sefi_core.pva.model_files import recognizer_from_state_dict
 from ..folders import FACE_RECOGNIZER_FOLDER
 from ..loaders import FileLoader, put_file_advice
+from ..node_ui import schema
 from .sockets import FaceRecognizerType
 
 
@@ -66,9 +67,10 @@ class PVALoadFaceRecognizer(FileLoader):
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="PVALoadFaceRecognizer",
             display_name="PVA Load Face Recognizer",
+            search_aliases=["arcface", "insightface", "face recognition", "face embedding"],
             category="PVA",
             description="Loads the ArcFace face recognizer (iresnet) PVA reads a person's photos with, from "
                         "models/face_recognizers: InsightFace's arcface_torch backbone.pth (e.g. ms1mv3_arcface_r50, "
@@ -93,9 +95,10 @@ class PVALoadFaceRecognizer(FileLoader):
 class PVAClipVisionFeatures(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="PVAClipVisionFeatures",
             display_name="PVA Face Features from CLIP Vision",
+            search_aliases=["clip vision", "image embedding", "face features"],
             category="PVA",
             description="Uses a CLIP vision model (Load CLIP Vision) instead of ArcFace to read a person's photos: one "
                         "image embedding per photo. Not the paper's setting; an encoder trained on it works only with "

@@ -17,7 +17,7 @@ from ...sefi_core.pva.train import FineTuneSettings
 from ..checks import check_choices, check_sd1_clip, first, single_values, validation_result
 from ..clip_tokens import model_fingerprint
 from ..folders import PVA_IDENTITY_FOLDER
-from ..node_ui import TrainingProgress, loss_curve
+from ..node_ui import TrainingProgress, loss_curve, schema
 from ..output_files import OutputFiles
 from ..photos import check_photo, masks_for_photos, photos_of
 from ..training import CHECKPOINTING_MODES, checkpointing_input, train_on_clones
@@ -77,9 +77,10 @@ class PVAFineTuneIdentity(io.ComfyNode):
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="PVAFineTuneIdentity",
             display_name="PVA Fine-tune Identity",
+            search_aliases=["inpaint face", "train face", "personalize", "face id", "identity"],
             category="PVA",
             description="Makes a PVA identity from 1-5 photos of a person: their visual tokens (from the encoder), and "
                         "a short fine-tune (40 steps, the paper's) of the visual attention and the learned word on the "

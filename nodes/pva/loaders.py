@@ -8,6 +8,7 @@ from ...sefi_core.pva.identity import load_pva_identity
 from ...sefi_core.pva.model_files import load_encoder
 from ..folders import PVA_ENCODER_FOLDER, PVA_IDENTITY_FOLDER
 from ..loaders import FileLoader, put_file_advice
+from ..node_ui import schema
 from .sockets import EncoderType, PVAIdentityType
 
 
@@ -17,9 +18,10 @@ class PVALoadEncoder(FileLoader):
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="PVALoadEncoder",
             display_name="PVA Load Encoder",
+            search_aliases=["identity encoder", "face encoder", "load encoder"],
             category="PVA",
             description="Loads a PVA identity encoder (face features of 1-5 photos -> 10 visual tokens) from "
                         "models/pva_encoders. No pretrained one exists publicly: it is trained on a dataset of many "
@@ -39,9 +41,10 @@ class PVALoadIdentity(FileLoader):
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="PVALoadIdentity",
             display_name="PVA Load Identity",
+            search_aliases=["load identity", "inpaint face", "face id"],
             category="PVA",
             description="Loads a PVA identity (visual tokens, visual projections and learned word of one person) from "
                         "models/pva_identities. Connect it to PVA Apply.",

@@ -33,7 +33,7 @@ from ...sefi_core.pva.train import (EncoderSample, EncoderTrainables, EncoderTra
 from ...sefi_core.train_state import TrainState, TrainStateError, load_train_state, save_train_state
 from ..checks import check_choices, check_sd1_clip, validation_result
 from ..folders import FACE_RECOGNIZER_FOLDER, PVA_ENCODER_FOLDER, identity_save_dir, train_state_path
-from ..node_ui import TrainingProgress, loss_curve, show_text_on_node
+from ..node_ui import TrainingProgress, loss_curve, schema, show_text_on_node
 from ..output_files import OutputFiles
 from ..training import CHECKPOINTING_MODES, checkpointing_input, train_on_clones
 from .checks import check_encoder_fits, check_features_fit, check_inpainting_model
@@ -172,9 +172,10 @@ class PVATrainEncoder(io.ComfyNode):
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="PVATrainEncoder",
             display_name="PVA Train Encoder",
+            search_aliases=["identity encoder", "train encoder", "face encoder"],
             category="PVA",
             description="Trains PVA's identity encoder on a dataset of many people (the paper: 1,963 people, 50k steps "
                         "per stage on a large GPU), with the visual attention and the learned word beside it. Saves "

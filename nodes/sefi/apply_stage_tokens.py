@@ -9,6 +9,7 @@ from ...sefi_core.sefi.prompt_tokens import IdentitySlot, blend_toward_class
 from ...sefi_core.sefi.stages import ActiveRange
 from ..checks import check_number, check_sd1_clip, check_sd1_model
 from ..clip_tokens import model_fingerprint, word_embedding, word_token_ids
+from ..node_ui import schema
 from .patches import SefiIdentity, patch_clip, patch_model
 
 log = logging.getLogger(__name__)
@@ -18,9 +19,10 @@ NODE = "SeFi Apply Stage Tokens"
 class SefiApplyStageTokens(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="SefiApplyStageTokens",
             display_name="SeFi Apply Stage Tokens",
+            search_aliases=["apply identity", "identity", "personalize", "face id", "trigger word", "sefi"],
             category="SeFi-IDE",
             description="Makes the trigger word in your prompts mean this identity. Feed the returned CLIP to "
                         "your CLIP Text Encode nodes and the returned MODEL to the sampler. Prompts without the "

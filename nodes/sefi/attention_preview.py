@@ -12,6 +12,7 @@ from comfy_api.latest import io, ui
 from ...sefi_core.sefi.attention_maps import head_mean_probs, prompt_words, render_grid, word_maps, word_positions
 from ..checks import check_choices, check_sd1_clip, check_sd1_model, validation_result
 from ..clip_tokens import word_token_ids
+from ..node_ui import schema
 from .patches import slot_of
 
 NODE = "SeFi Attention Map Preview"
@@ -57,9 +58,10 @@ class MapRecorder:
 class SefiAttentionMapPreview(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="SefiAttentionMapPreview",
             display_name="SeFi Attention Map Preview",
+            search_aliases=["attention map", "cross attention", "heatmap", "word attention"],
             category="SeFi-IDE",
             is_output_node=True,  # its maps show on the node; no Preview Image needed
             description="Shows where each word of a prompt looks in an image: one heatmap per word, on one shared "

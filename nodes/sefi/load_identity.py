@@ -4,6 +4,7 @@ from comfy_api.latest import io
 from ...sefi_core.sefi.identity import load_identity
 from ..folders import IDENTITY_FOLDER
 from ..loaders import FileLoader
+from ..node_ui import schema
 from .patches import SefiIdentity
 
 
@@ -14,9 +15,10 @@ class SefiLoadIdentity(FileLoader):
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="SefiLoadIdentity",
             display_name="SeFi Load Identity",
+            search_aliases=["load identity", "identity", "embedding", "textual inversion", "face id"],
             category="SeFi-IDE",
             description="Loads an identity trained by SeFi Train Identity (ten CLIP-L tokens, ~30 KB) from "
                         "models/sefi_identities. Connect it to SeFi Apply Stage Tokens.",

@@ -22,7 +22,7 @@ from ...sefi_core.train_state import (TrainState, TrainStateError, load_train_st
 from ..checks import check_choices, check_sd1_clip, check_sd1_model, first, single_values, validation_result
 from ..clip_tokens import model_fingerprint
 from ..folders import IDENTITY_FOLDER, file_fingerprint, identity_files, train_state_path
-from ..node_ui import TrainingProgress, loss_curve, show_text_on_node
+from ..node_ui import TrainingProgress, loss_curve, schema, show_text_on_node
 from ..output_files import OutputFiles
 from ..photos import check_photo, masks_for_photos, photos_of
 from ..training import CHECKPOINTING_MODES, checkpointing_input
@@ -151,9 +151,11 @@ class SefiTrainIdentity(io.ComfyNode):
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="SefiTrainIdentity",
             display_name="SeFi Train Identity",
+            search_aliases=["train identity", "textual inversion", "personalize", "face id", "dreambooth", "one photo",
+                            "embedding"],
             category="SeFi-IDE",
             description="Learns an identity (ten CLIP-L tokens, ~30 KB) from one photo (or a few) on the model you "
                         "loaded, and saves it to models/sefi_identities. About 1000 steps; Cancel stops it and saves "

@@ -63,6 +63,21 @@ def test_every_node_of_the_pack_is_listed_here_and_tooltips_every_input(server):
     assert not untold, f"inputs without a tooltip: {untold}"
 
 
+def test_the_node_search_finds_every_node_by_its_aliases_where_the_host_serves_them(server):
+    """The host's node info carries search_aliases where its schema has them (v0.33; core nodes use them); there every
+    node of the pack brings words an artist may search for. Older hosts serve none, and the pack loads there all the
+    same (the field is left out of its schema)."""
+    info = server.get_json("/api/object_info")
+    if not any(node.get("search_aliases") for node in info.values()):
+        assert not any(info[node_id].get("search_aliases") for node_id in NODES)
+        return
+    for node_id in NODES:
+        aliases = info[node_id].get("search_aliases") or []
+        assert len(aliases) >= 3 and all(a == a.lower().strip() and a for a in aliases), (node_id, aliases)
+    assert "textual inversion" in info["SefiTrainIdentity"]["search_aliases"]
+    assert "inpaint face" in info["PVAApply"]["search_aliases"]
+
+
 def test_workflows_are_templates_with_thumbnails(server):
     pack = pack_name(server, NODES[0])
     listed = server.get_json("/api/workflow_templates")
