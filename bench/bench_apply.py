@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+import results
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -94,6 +96,15 @@ def measure(args, host) -> None:
     print(f"prompt encode  no trigger {statistics.median(enc_plain) * 1000:8.1f} ms   with trigger "
           f"{statistics.median(enc_sefi) * 1000:8.1f} ms   ratio {statistics.median(enc_sefi) / statistics.median(enc_plain):.2f}"
           "  (11 prompt variants in one batched encode)")
+    figures = {"step_unpatched_s": step(plain_t), "step_patched_s": step(sefi_t),
+               "step_ratio": statistics.median(sefi_t) / statistics.median(plain_t),
+               "encode_plain_s": statistics.median(enc_plain), "encode_trigger_s": statistics.median(enc_sefi)}
+    results.save("bench_apply", vars(args), figures, [
+        (f"sampling step, SeFi-patched / unpatched, {args.size} px, cfg 7",
+         f"{figures['step_ratio']:.3f} (goal <= 1.03)"),
+        ("prompt encode with the trigger / without (11 prompt variants in one batch, once per prompt)",
+         f"{figures['encode_trigger_s'] / figures['encode_plain_s']:.1f}x ({figures['encode_trigger_s'] * 1000:.0f} ms "
+         f"vs {figures['encode_plain_s'] * 1000:.0f} ms)")])
 
 
 if __name__ == "__main__":

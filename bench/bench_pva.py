@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+import results
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
@@ -42,13 +44,14 @@ def main() -> None:
 
     from bench_apply import benchmark_host
 
+    figures, rows = {}, []  # each part's figures and README lines
     with benchmark_host("sefi-bench-pva-") as host:
-        if args.part in ("sampling", "all"):
-            measure(args, host)
-        if args.part in ("fine-tune", "all"):
-            measure_fine_tune(args, host)
-        if args.part in ("encoder", "all"):
-            measure_encoder_training(args, host)
+        for part, measure_part in (("sampling", measure), ("fine-tune", measure_fine_tune),
+                                   ("encoder", measure_encoder_training)):
+            if args.part in (part, "all"):
+                figures[part], part_rows = measure_part(args, host)
+                rows += part_rows
+    results.save(f"bench_pva-{args.part}-{args.size}px", vars(args), figures, rows)
 
 
 def measure(args, host) -> None:
@@ -77,6 +80,10 @@ def measure(args, host) -> None:
           f"tokens on both branches; {len(projections)} cross-attention layers patched")
     print(f"sampling step: unpatched {step(plain_t):.3f} s, PVA {step(pva_t):.3f} s, "
           f"ratio {step(pva_t) / step(plain_t):.3f} (goal <= 1.10)")
+    ratio = step(pva_t) / step(plain_t)
+    return {"step_unpatched_s": step(plain_t), "step_pva_s": step(pva_t), "ratio": ratio}, [
+        (f"PVA sampling step, patched (visual tokens on both branches) / unpatched, {args.size} px, cfg 7",
+         f"{ratio:.3f} (goal <= 1.10)")]
 
 
 def device_name(host) -> str:
@@ -131,6 +138,12 @@ def measure_fine_tune(args, host) -> None:
     print(f"fine-tune step: {step:.3f} s; plain inpainting UNet forward+backward {plain:.3f} s; ratio {step / plain:.3f} "
           f"(goal <= 1.15); 40 steps: {40 * step:.0f} s here; peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return {"step_s": step, "plain_s": plain, "peak_rss_gib": rss}, [
+        (f"PVA fine-tune step (2 timesteps in one batch, the word through CLIP, AdamW on the projections) / plain "
+         f"inpainting-UNet forward+backward of the same batch, {args.size} px, "
+         f"{str(tuner.dtype).removeprefix('torch.')}",
+         f"{step / plain:.3f} (goal <= 1.15); the 40 steps of a fine-tune {40 * step / 60:.0f} min from it")]
 
 
 def measure_encoder_training(args, host, timesteps: int = 4, references: int = 3) -> None:
@@ -183,6 +196,11 @@ def measure_encoder_training(args, host, timesteps: int = 4, references: int = 3
     print(f"encoder-training sample: {step:.3f} s; plain inpainting UNet forward+backward {plain:.3f} s; ratio "
           f"{step / plain:.3f} (goal <= 1.15); the paper's 50k steps of 8 samples: {paper / 3600:.0f} h here; peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB")
+    return {"sample_s": step, "plain_s": plain, "paper_stage_h": paper / 3600}, [
+        (f"PVA encoder-training sample ({references} references through the recognizer and the encoder, {timesteps} "
+         f"timesteps in one batch, stage 1) / plain inpainting-UNet forward+backward of the same batch, {args.size} px",
+         f"{step / plain:.3f} (goal <= 1.15); one stage of the paper's training (50k steps of 8 samples) "
+         f"{paper / 3600:,.0f} h from it")]
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+import results
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 SETUPS = ("fp32", "fp16", "bf16")
@@ -161,16 +163,42 @@ def main() -> None:
 
 
 def run_children(args, modes, work_dir):
+    measured = {}  # (setup, checkpointing mode) -> the child's figures
     for setup in args.setups.split(","):
         for mode in modes:
             child = [sys.executable, __file__, "--setup", setup, "--checkpointing", mode, "--resolution",
-                     str(args.resolution), "--steps", str(args.steps), "--preset", args.preset, "--full-run", str(args.full_run), "--work-dir", work_dir]
+                     str(args.resolution), "--steps", str(args.steps), "--preset", args.preset, "--full-run",
+                     str(args.full_run), "--work-dir", work_dir]
             out = subprocess.run(child, capture_output=True, text=True)
             line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:
                 print(f"{setup} ckpt {mode}: failed\n{out.stderr[-3000:]}")
                 continue
-            print(report(json.loads(line[7:]), args.resolution), flush=True)
+            measured[setup, mode] = json.loads(line[7:])
+            print(report(measured[setup, mode], args.resolution), flush=True)
+    if measured:
+        results.save("bench_train", vars(args), {f"{s} ckpt {m}": r for (s, m), r in measured.items()},
+                     rows(measured, args.resolution))
+
+
+def rows(measured: dict, resolution: int) -> list[tuple[str, str]]:
+    """The README's lines: per set-up, the step over the plain UNet pass (both without checkpointing), what gradient
+    checkpointing costs and saves (against the same set-up without it), the weight copies' share and 1000 steps."""
+    out = []
+    for setup in dict.fromkeys(s for s, _ in measured):
+        off, on = measured.get((setup, "off")), measured.get((setup, "on"))
+        name = (off or on)["setup"]
+        memory = lambda r: f"{r['peak_gpu_gib']:.1f} GiB VRAM" if r["peak_gpu_gib"] is not None else \
+            f"{r['peak_rss_gib']:.1f} GiB RSS"
+        if off:
+            out.append((f"training step / plain UNet forward+backward, {resolution} px, {name}",
+                        f"{off['step_s'] / off['plain_s']:.2f} (goal <= 1.10); {off['step_s']:.1f} s a step, 1000 steps "
+                        f"{off['step_s'] * 1000 / 3600:.1f} h from it; weight copies "
+                        f"{100 * off['weight_copies_s'] / off['step_s']:.1f}% of a step; peak {memory(off)}"))
+        if off and on:
+            out.append((f"gradient checkpointing, {resolution} px, {name}: step with / without it",
+                        f"{on['step_s'] / off['step_s']:.2f} (more time); peak {memory(on)} instead of {memory(off)}"))
+    return out
 
 
 if __name__ == "__main__":

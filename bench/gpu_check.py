@@ -262,6 +262,31 @@ def summary(info: dict, trainings: list[dict], grads: dict | None, args) -> str:
     return "\n".join(lines + ["=" * 100])
 
 
+def readme_rows(trainings: list[dict], grads: dict | None, args) -> list[tuple[str, str]]:
+    """The README's lines: each training's time and peak device memory per host mode, and the gradient check."""
+    rows, names = [], {"sefi": f"SeFi Train Identity, {args.steps} steps", "pva": f"PVA Fine-tune Identity, "
+                                                                                 f"{args.pva_steps} steps"}
+    for run in trainings:
+        for name in ("sefi", "pva"):
+            r = run.get(name)
+            if r is None:
+                continue
+            what = f"{names[name]} at {args.resolution} px, ComfyUI's own set-up ({run['mode']}: {run['flags']})"
+            if r["error"]:
+                rows.append((what, f"failed: {r['error'][:200]}"))
+                continue
+            per_1000 = f"{1000 / r['steps_per_s']:.1f} s per 1000 steps" if r["steps_per_s"] else "no rate"
+            peak = f"{r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else "n/a"
+            goals = f" (goals <= {GOAL_SECONDS:.0f} s, <= {GOAL_GIB:.0f} GiB)" if name == "sefi" else ""
+            rows.append((what, f"{per_1000}, the run {r['run_s']:.1f} s; peak device memory {peak}{goals}"))
+    if grads:
+        worst = min(grads["rows"], key=lambda row: row["cosine"])
+        rows.append((f"SeFi's gradients, {' vs '.join(grads['setups'])}, {args.grad_resolution} px",
+                     f"worst cosine {worst['cosine']:.4f}, norm ratio {worst['norm_ratio']:.4f} (t={worst['t']}, "
+                     f"{worst['term']}; goals >= 0.99, within 5%)"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=1000)
@@ -303,6 +328,10 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     text = summary(info, trainings, grads, args)
     print(text, flush=True)
+    if cuda:  # a CPU dry run measures nothing the README should carry
+        import results
+        results.save("gpu_check", vars(args), {"trainings": trainings, "gradients": grads},
+                     readme_rows(trainings, grads, args))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

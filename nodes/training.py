@@ -88,7 +88,9 @@ def compute_dtype(model) -> torch.dtype:
 class GradientCheckpointing:
     """DIFFUSION_MODEL wrapper: while `enabled`, each ResBlock and SpatialTransformer of the UNet call keeps
     only its inputs and recomputes its activations (and the per-forward weight copies) in backward
-    (non-reentrant torch.utils.checkpoint). About a third more compute for a fraction of the memory."""
+    (non-reentrant torch.utils.checkpoint). A step takes 1.3-1.4x as long (bench/bench_train.py: fp32 1.32, bf16 1.40 at
+    512 px) for a fraction of the activations' memory (the peak of a 512 px fp32 run there: 7.1 instead of 13.1 GiB,
+    the model included)."""
 
     BLOCKS = (comfy.ldm.modules.diffusionmodules.openaimodel.ResBlock, comfy.ldm.modules.attention.SpatialTransformer)
 

@@ -217,8 +217,9 @@ class SefiTrainIdentity(io.ComfyNode):
                                tooltip="Continue a saved identity for 'steps' more steps, with its own settings, "
                                        "trigger and class word (this node's learning rate, seed, resolution, K/V "
                                        "pairs, attention loss, trigger and class word are then not used). With the "
-                                       "same photos, 500 steps and then 500 more end exactly where 1000 steps end. "
-                                       "Needs the identity's training state (keep_training_state). The result is "
+                                       "same photos, 500 steps and then 500 more end where 1000 steps end (bit for "
+                                       "bit on the CPU; on a GPU with ComfyUI's --deterministic). Needs the "
+                                       "identity's training state (keep_training_state). The result is "
                                        "saved under 'name'. Press R to refresh the list."),
                 io.Boolean.Input("keep_training_state", default=True, optional=True,
                                  tooltip="Also save what continuing needs (the token mapper and optimiser, about "

@@ -117,6 +117,21 @@ def test_style_tokens_are_appended_to_the_identity_contexts(host, sefi, strength
     assert_rows(records, torch.cat((k, tokens), 1), torch.cat((v, tokens), 1))
 
 
+def test_unclip_conditioning_has_no_effect_on_sd1_and_keeps_the_identity(host, sefi):
+    """unCLIP Conditioning adds an image embedding that only unCLIP models read (their ADM input); on SD1.x the host
+    ignores it: every layer receives the identity's contexts, and the image is the one without the node."""
+    _, clip, model, sefi_clip = sefi
+    _, vision = style_model_and_image()
+    vision.image_embeds = torch.randn(1, 1024)
+    ident, negative = probe.encode(host, sefi_clip, PROMPT), probe.encode(host, sefi_clip, "")
+    unclip = run(node(host, "unCLIPConditioning").apply_adm, ident, vision, 1.0, 0.0)
+    assert "unclip_conditioning" in unclip[0][1]
+    k, v = expected_kv(host, clip, PROMPT)
+    assert_rows(received(host, model, unclip, negative), k, v)
+    assert torch.equal(probe.sample(host, model, unclip, negative, steps=2),
+                       probe.sample(host, model, ident, negative, steps=2))
+
+
 def test_area_mask_strength_timestep_range_properties_and_combine_keep_the_identity(host, sefi):
     _, clip, model, sefi_clip = sefi
     ident = probe.encode(host, sefi_clip, PROMPT)
