@@ -43,6 +43,7 @@ class TrainingProgress:
         self.total_steps, self.node_id, self.node = total_steps, node_id, node
         self.bar = comfy.utils.ProgressBar(total_steps)
         self.span, self.shown = smoothing_span(total_steps), 0
+        self.previewed = False  # whether show_preview put a picture on the node this run
 
     def __call__(self, step: int, losses: list[float]) -> None:
         self.bar.update_absolute(step + 1, self.total_steps)
@@ -61,7 +62,7 @@ class TrainingProgress:
     def end_on(self, curve: torch.Tensor) -> None:
         """After a run that showed previews, the loss curve (an IMAGE) as the last one: frontends keep a node's last
         progress preview over the images it outputs, so without it the node would end on a preview."""
-        if getattr(self, "previewed", False):
+        if self.previewed:
             picture = Image.fromarray((curve[0].numpy() * 255).round().astype("uint8"))
             self.bar.update_absolute(self.total_steps, self.total_steps, ("PNG", picture, max(picture.size)))
 

@@ -20,7 +20,7 @@ def is_pack_node(registry, node_type: str) -> bool:
 
 
 def node_schema(registry, node_type: str) -> dict:
-    """What a picture of the node shows: its name, each input's name, kind and default, each output's name and
+    """What a picture of the node shows: its id, each input's name, kind and default, each output's name and
     type. Not combos' options and defaults (file lists change with the folders; the workflow holds the values shown)
     nor tooltips."""
     cls = registry[node_type]
@@ -33,7 +33,7 @@ def node_schema(registry, node_type: str) -> dict:
             options = spec[1] if len(spec) > 1 else {}
             inputs.append([group, name, kind, None if kind == "COMBO" else options.get("default")])
     outputs = list(getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES)
-    return {"name": getattr(cls, "DISPLAY_NAME", node_type), "inputs": inputs, "outputs": [outputs, list(cls.RETURN_TYPES)]}
+    return {"name": node_type, "inputs": inputs, "outputs": [outputs, list(cls.RETURN_TYPES)]}
 
 
 def digest(registry, workflow_name: str) -> str:
