@@ -34,12 +34,13 @@ def check_choices(options: dict[str, Sequence[str]], **values) -> None:
                              "version may hold shifted values): pick one of those on the node, then queue again.")
 
 
-def check_number(name: str, value: float, low: float, high: float) -> float:
+def check_number(node: str, name: str, value: float, low: float, high: float) -> float:
     """A FLOAT input within its range: the host's min/max check lets NaN through (every comparison with it is false),
     and a hand-edited or API-made prompt can hold anything."""
     if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             and low <= value <= high):
-        raise ValueError(f"{name} is {value!r}; it must be a number from {low:g} to {high:g}. Type one on the node.")
+        raise ValueError(f"{node}: {name} is {value!r}; it must be a number from {low:g} to {high:g}. Type one on the "
+                         "node.")
     return float(value)
 
 

@@ -62,7 +62,7 @@ class PVAApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, pva_identity, strength, start_percent, end_percent, on_negative) -> io.NodeOutput:
-        strength = check_number("strength", strength, 0.0, 2.0)
+        strength = check_number(NODE, "strength", strength, 0.0, 2.0)
         if not 0.0 <= start_percent < end_percent <= 1.0:
             raise ValueError(f"start_percent {start_percent} must be below end_percent {end_percent} (both 0-1); "
                              "otherwise the visual tokens never act.")

@@ -54,7 +54,7 @@ class SefiApplyStageTokens(io.ComfyNode):
     def execute(cls, model, clip, identity, trigger, strength, start_percent, end_percent) -> io.NodeOutput:
         check_sd1_model(model, NODE)
         check_sd1_clip(clip, NODE)
-        strength = check_number("strength", strength, 0.0, 2.0)
+        strength = check_number(NODE, "strength", strength, 0.0, 2.0)
         if not 0.0 <= start_percent < end_percent <= 1.0:
             raise ValueError(f"start_percent {start_percent} must be below end_percent {end_percent} (both 0-1); "
                              "otherwise the identity never acts.")

@@ -118,10 +118,10 @@ def test_a_strength_that_is_not_a_number_is_refused_by_both_apply_nodes(host):
     """NaN passes the host's min/max check (every comparison with it is false) and would make an all-NaN image."""
     write_pva_identity(host)
     result = host.run(inpaint_graph(host, strength=float("nan")))
-    assert not result.success and "strength is nan; it must be a number from 0 to 2" in \
+    assert not result.success and "PVA Apply: strength is nan; it must be a number from 0 to 2" in \
         result.error["exception_message"]
     model, clip, _ = host.load_checkpoint("tiny.safetensors")
-    with pytest.raises(ValueError, match="strength is nan; it must be a number from 0 to 2"):
+    with pytest.raises(ValueError, match="SeFi Apply Stage Tokens: strength is nan; it must be a number from 0 to 2"):
         probe.apply(host, model, clip, probe.word_identity(clip, ["cat"] * 5, ["cat"] * 5), strength=float("nan"))
 
 
