@@ -20,6 +20,7 @@ from ..train_state import TrainState
 from ..training import (NUM_TRAIN_TIMESTEPS, check_continuation, loss_scaler, optimizer_moments, raise_first_failed,
                         restore_optimizer)
 from .attention import VisualProjections
+from .distributed import World, sum_gradients
 from .face import face_crop
 
 PROMPT = "photo of a {} person"  # the paper's; {} is the learned word S*
@@ -155,7 +156,8 @@ def fine_tune(settings: FineTuneSettings, identity: TrainableIdentity, samples: 
 # the patched UNet attends to, and the loss is the same denoising MSE as the fine-tune's (4 stratified timesteps).
 # Stage 1 trains the encoder, every layer's visual projections and the learned word; stage 2 also the recognizer
 # (kept in eval mode, as the authors keep it: its batch-norm statistics stay the pretrained ones).
-# One optimiser step averages `batch_size x accumulation` samples (the paper: 2 x 4), here one sample per UNet batch.
+# One optimiser step averages `batch_size x accumulation` samples (the paper: 2 x 4), here one sample per UNet batch,
+# whatever the number of processes computing them (sefi_core/pva/distributed.py).
 
 
 @dataclass(frozen=True)
@@ -293,23 +295,50 @@ def weights_mismatch(expected: dict[str, torch.Tensor], saved: dict[str, torch.T
 class EncoderTrainingResult:
     losses: list[float]  # one per optimiser step, the mean over its samples
     state: TrainState
+    bytes_summed: int = 0  # per step, what each rank sent into the gradients' all-reduce (0 on one process)
+
+
+def sample_generators(generator: torch.Generator, count: int) -> list[torch.Generator]:
+    """A step's samples' own generators, seeded from the run's: a sample is the same whichever rank draws it."""
+    seeds = torch.randint(2**62, (count,), generator=generator).tolist()
+    return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+
+def sample_loss(sample_generator: torch.Generator, trainables: EncoderTrainables,
+                draw: Callable[[torch.Generator], EncoderSample], denoise: EncoderDenoise, timesteps: int,
+                step: int) -> torch.Tensor:
+    """One sample's denoising loss, everything random in it from its own generator: the encoder's dropout (through
+    the default generators, seeded from it), the draw, the timesteps and the noise."""
+    torch.manual_seed(int(torch.randint(2**62, (1,), generator=sample_generator)))
+    sample = draw(sample_generator)
+    tokens = trainables.tokens(sample)
+    if not torch.isfinite(tokens).all():  # not the optimiser's fault: the advice on a non-finite loss would mislead
+        raise FloatingPointError(
+            f"The visual tokens of a sample are not finite {when}: the face recognizer's features or the "
+            "encoder's output hold NaN or infinite numbers. Load the recognizer again (a damaged file?), or start "
+            "from another encoder; the last save is kept.")
+    return denoising_loss(sample.target, trainables.identity, lambda *args: denoise(*args, tokens, prompt=sample.prompt),
+                          timesteps, sample_generator)
 
 
 def train_encoder(settings: EncoderTrainingSettings, trainables: EncoderTrainables,
                   draw: Callable[[torch.Generator], EncoderSample], denoise: EncoderDenoise,
                   on_step: Callable[[int, list[float]], None] = lambda step, losses: None,
                   on_save: Callable[[TrainState], None] = lambda state: None, save_every: int = 0,
-                  resume: TrainState | None = None, compute_dtype: torch.dtype = torch.float32) -> EncoderTrainingResult:
+                  resume: TrainState | None = None, compute_dtype: torch.dtype = torch.float32,
+                  world: World = World()) -> EncoderTrainingResult:
     """AdamW over `settings.steps` steps of `samples_per_step` samples each, drawn by draw(generator). The state
-    goes to on_save every `save_every` steps and at the end; from a saved state a run ends exactly where one
-    uninterrupted run ends (the dropout is seeded from the run's generator, step by step)."""
+    goes to on_save every `save_every` steps and at the end (on the world's writing rank only); from a saved state a
+    run ends exactly where one uninterrupted run ends. Across processes (`world`, sefi_core/pva/distributed.py) each
+    rank computes its share of every step's samples and the gradients are summed before the step."""
     device = trainables.identity.word_base.device
     named = trainables.named_parameters()
     optimizer = torch.optim.AdamW(trainables.parameter_groups(settings), weight_decay=settings.weight_decay,
                                   fused=device.type == "cuda")
     scaler = loss_scaler(device, compute_dtype)
     generator = torch.Generator().manual_seed(settings.seed)
-    first, losses = 0, []
+    mine = world.share(settings.samples_per_step)
+    first, losses, sent = 0, [], 0
     if resume is not None:
         check_continuation(resume, settings.as_metadata(), settings.steps)
         trainables.load_weights(resume.weights)
@@ -320,26 +349,18 @@ def train_encoder(settings: EncoderTrainingSettings, trainables: EncoderTrainabl
                           optimizer_moments(optimizer, [p for _, p in named]), generator.get_state(),
                           scaler.state_dict(), list(losses))
 
-    # The encoder's dropout draws from the default generators: seeded from the run's own at each step, a continued
-    # run draws what one long run draws; forked, so that the process's generators are as they were afterwards.
+    # The samples' dropout draws from the default generators, seeded per sample: forked, so that the process's
+    # generators are as they were afterwards.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for step in range(first, settings.steps):
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+            generators = sample_generators(generator, settings.samples_per_step)
             optimizer.zero_grad(set_to_none=True)
             total = torch.zeros((), device=device)
-            for _ in range(settings.samples_per_step):
-                sample = draw(generator)
-                tokens = trainables.tokens(sample)
-                if not torch.isfinite(tokens).all():  # not the optimiser's fault: the advice below would mislead
-                    raise FloatingPointError(
-                        f"The visual tokens of a sample are not finite at step {step + 1}: the face recognizer's "
-                        "features or the encoder's output hold NaN or infinite numbers. Load the recognizer again "
-                        "(a damaged file?), or start from another encoder; the last save is kept.")
-                loss = denoising_loss(sample.target, trainables.identity,
-                                      lambda *args: denoise(*args, tokens, prompt=sample.prompt),
-                                      settings.timesteps, generator)
+            for index in mine:
+                loss = sample_loss(generators[index], trainables, draw, denoise, settings.timesteps, f"at step {step + 1}")
                 scaler.scale(loss / settings.samples_per_step).backward()
                 total += loss.detach() / settings.samples_per_step
+            sent = sum_gradients(world, [p for _, p in named], total)
             scaler.step(optimizer)
             scaler.update()
             losses.append(float(total))
@@ -347,6 +368,24 @@ def train_encoder(settings: EncoderTrainingSettings, trainables: EncoderTrainabl
                 raise FloatingPointError(f"The encoder training's loss became {losses[-1]} at step {step + 1}. Lower "
                                          "the learning rates (or use bf16 / fp32); the last save is kept.")
             on_step(step, losses)
-            if step + 1 == settings.steps or (save_every and (step + 1) % save_every == 0):
+            if world.writes and (step + 1 == settings.steps or (save_every and (step + 1) % save_every == 0)):
                 on_save(state(step + 1))
-    return EncoderTrainingResult(losses, state(settings.steps))
+    return EncoderTrainingResult(losses, state(settings.steps), sent)
+
+
+def validation_loss(trainables: EncoderTrainables, draw: Callable[[torch.Generator], EncoderSample],
+                    denoise: EncoderDenoise, timesteps: int, count: int, seed: int, world: World = World()) -> float:
+    """The mean denoising loss of `count` held-out samples (drawn by `draw` from held-out people), the same samples,
+    timesteps and noise at every call (from `seed`), the encoder without dropout and nothing trained; the run's
+    generators untouched. Each rank computes its share."""
+    device = trainables.identity.word_base.device
+    generators = sample_generators(torch.Generator().manual_seed(seed), count)
+    total = torch.zeros((), device=device)
+    trainables.encoder.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for index in world.share(count):
+                total += sample_loss(generators[index], trainables, draw, denoise, timesteps, "in validation").float() / count
+    finally:
+        trainables.encoder.train()
+    return float(world.sum(total))

@@ -235,8 +235,8 @@ def test_an_encoder_training_continued_from_its_saved_state_ends_exactly_where_o
 
 
 def test_the_step_loss_is_the_mean_denoising_mse_of_its_samples_computed_independently():
-    """Step 1's loss (before any update) recomputed from the same draws: the generator's sequence is the dropout
-    seed, then per sample its draw, its stratified timesteps and its noise."""
+    """Step 1's loss (before any update) recomputed from the same draws: the run's generator gives each sample of the
+    step a seed; a sample's generator gives its dropout seed, its draw, its stratified timesteps and its noise."""
     import torch.nn.functional as F
     trainables_run, result = encoder_run(steps=1, dropout=0.0)
     torch.manual_seed(0)
@@ -245,11 +245,12 @@ def test_the_step_loss_is_the_mean_denoising_mse_of_its_samples_computed_indepen
     word = torch.randn(768) * 0.02
     photos = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     latents = torch.randn(4, 1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
-    g = torch.Generator().manual_seed(0)
-    torch.randint(2**62, (1,), generator=g)
+    seeds = torch.randint(2**62, (2,), generator=torch.Generator().manual_seed(0)).tolist()
     losses = []
     with torch.no_grad():
-        for _ in range(2):
+        for seed in seeds:
+            g = torch.Generator().manual_seed(seed)
+            torch.randint(2**62, (1,), generator=g)
             target = int(torch.randint(4, (1,), generator=g))
             references = photos[[i for i in range(4) if i != target][:2]]
             faces = F.adaptive_avg_pool2d(F.interpolate(references * 2 - 1, (256, 256), mode="bilinear",
