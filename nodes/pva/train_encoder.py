@@ -22,6 +22,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ...sefi_core.files import save_atomically
+from ...sefi_core.pva.distributed import World
 from ...sefi_core.pva.dataset import (ALIGNED_FACE_BOX, CAPTION_CHANCE, WHOLE_PHOTO, FaceDataset, MaskBank, Photo,
                                       box_mask, parse_box, read_caption, read_mask, read_photo)
 from ...sefi_core.pva.encoder import IdentityEncoder
@@ -147,24 +148,75 @@ class EncoderRun:
     """train_on_clones' train(draw): the encoder training from its start, or from its saved state, on copies of the
     loaders' networks (the host caches its outputs); (what was trained, the result)."""
 
-    def __init__(self, tuner: PVAFineTuner, settings: EncoderTrainingSettings, network: IdentityEncoder, recognizer,
-                 progress: TrainingProgress, save: EncoderSaver, save_every: int, saved: TrainState | None):
-        self.tuner, self.settings, self.network, self.recognizer = tuner, settings, network, recognizer
-        self.progress, self.save, self.save_every, self.saved = progress, save, save_every, saved
+    def __init__(self, training: "EncoderTraining", on_step, save: EncoderSaver):
+        self.training, self.on_step, self.save = training, on_step, save
 
     def __call__(self, draw: SampleReader):
-        self.tuner.start_identity()  # afresh: an out-of-memory retry starts again
-        trainables = EncoderTrainables(copy.deepcopy(self.network), copy.deepcopy(self.recognizer),
-                                       self.tuner.identity, self.settings.stage)
+        training = self.training
+        training.tuner.start_identity()  # afresh: an out-of-memory retry starts again
+        trainables = EncoderTrainables(copy.deepcopy(training.network), copy.deepcopy(training.source.network),
+                                       training.tuner.identity, training.settings.stage)
+        training.trainables = trainables
         try:
-            result = train_encoder(self.settings, trainables, draw, self.tuner.denoise, self.progress,
-                                   lambda state: self.save(trainables, state), self.save_every, self.saved,
-                                   self.tuner.dtype)
+            result = train_encoder(training.settings, trainables, draw, training.tuner.denoise, self.on_step,
+                                   lambda state: self.save(trainables, state), training.save_every, training.saved,
+                                   training.tuner.dtype, training.world)
         except StateMismatch as error:
             raise TrainStateError(f"{os.path.basename(state_file(self.save.file))}: {error}. Connect the encoder, "
                                   "recognizer and model the run started with, or delete its files to start anew.") \
                 from None
         return trainables, result
+
+
+class EncoderTraining:
+    """One encoder training, as PVA Train Encoder and the command for several processes (train_encoder_command.py)
+    both run it: everything checked and the dataset read on construction, before any training; call it to train.
+    On several processes (`world`) every rank builds the same run and rank 0 alone writes its files."""
+
+    def __init__(self, model, clip, vae, face_recognizer, path: str, requested: EncoderTrainingSettings, resume: bool,
+                 dataset_folder: str, box, save_every: int, pva_encoder=None, checkpointing: str = "auto",
+                 random_masks_folder: str = "", node_id=None, world: World = World()):
+        check_inpainting_model(model, NODE)
+        check_sd1_clip(clip, NODE)
+        self.settings, self.saved = run_settings(path, resume, requested)
+        world.share(self.settings.samples_per_step)  # refused now, before anything is read, where it does not split
+        check_sources(self.settings, self.saved, face_recognizer, pva_encoder, model)
+        check_outputs(path, self.settings, self.saved, face_recognizer)
+        self.dataset = FaceDataset(dataset_folder)
+        self.masks = MaskBank(dataset_path(random_masks_folder)) if (random_masks_folder or "").strip() else None
+        self.path, self.vae, self.box, self.save_every, self.world = path, vae, box, save_every, world
+        # An out-of-memory retry ('auto') starts one rank again while the others wait in a step: on several
+        # processes 'auto' is 'off', and running out of memory says to switch checkpointing on.
+        self.checkpointing = "off" if checkpointing == "auto" and world.size > 1 else checkpointing
+        self.source = face_recognizer
+        announce(node_id, self.dataset, self.saved, self.settings, os.path.basename(path))
+        self.network, self.features = encoder_and_features(model, self.settings.seed, face_recognizer, pva_encoder,
+                                                           self.dataset, self.saved, os.path.basename(path), node_id)
+        self.record = {**run_record(self.settings, self.dataset, self.masks), "world_size": world.size}
+        self.recognizer_name = (f"iresnet {face_recognizer.network.depth} ({tuned_recognizer_file(os.path.basename(path))})"
+                                if self.settings.stage == 2 else face_recognizer.name)
+        self.tuner = PVAFineTuner(model, clip, TRIGGER,
+                                  torch.zeros(self.network.queries.shape[0], self.network.project.out_features),
+                                  NODE, checkpointing == "on", pva_encoder)
+        self.trainables = None  # what is being trained, once training started
+
+    def reader(self, dataset: FaceDataset, features=None) -> SampleReader:
+        return SampleReader(dataset, self.tuner, self.vae, self.settings.resolution, self.box,
+                            self.features if features is None else features, self.masks)
+
+    def __call__(self, on_step, outputs: OutputFiles):
+        """Train; (the encoder as saved last, the run's result). on_step(step, losses) after every step."""
+        saver = EncoderSaver(self.path, self.settings, self.record, self.recognizer_name, self.source.name, outputs)
+        run = EncoderRun(self, on_step, saver)
+        trainables, result = train_on_clones(self.tuner, self.checkpointing, self.settings.resolution,
+                                             lambda: self.reader(self.dataset), run)
+        if self.world.writes:
+            log.info("%s: saved encoder %s after %d steps (loss %.4f)", NODE, self.path, self.settings.steps,
+                     result.losses[-1])
+        projections, word = trainables.identity.frozen_copy()
+        encoder = PVAEncoder(trainables.encoder.to("cpu").eval(), self.recognizer_name, as_stored(projections), word,
+                             {**self.record, "steps": self.settings.steps}, file=os.path.basename(self.path))
+        return encoder, result
 
 
 class PVATrainEncoder(io.ComfyNode):
@@ -264,75 +316,52 @@ class PVATrainEncoder(io.ComfyNode):
                 timesteps_per_sample, encoder_learning_rate, projection_learning_rate, word_learning_rate,
                 recognizer_learning_rate, seed, resolution, face_region, custom_box, save_every, resume,
                 pva_encoder=None, gradient_checkpointing="auto", random_masks_folder="") -> io.NodeOutput:
-        check_inpainting_model(model, NODE)
-        check_sd1_clip(clip, NODE)
         check_choices(COMBO_CHOICES, stage=stage, face_region=face_region,
                       gradient_checkpointing=gradient_checkpointing)
-        path = cls.outputs.path(name)
-        settings, saved = cls.settings(path, resume, EncoderTrainingSettings(
+        requested = EncoderTrainingSettings(
             stage=STAGES[stage], steps=steps, batch_size=batch_size, accumulation=accumulation,
             timesteps=timesteps_per_sample, encoder_learning_rate=encoder_learning_rate,
             projection_learning_rate=projection_learning_rate, word_learning_rate=word_learning_rate,
-            recognizer_learning_rate=recognizer_learning_rate, seed=seed, resolution=resolution))
-        check_sources(settings, saved, face_recognizer, pva_encoder, model)
-        check_outputs(path, settings, saved, face_recognizer)
-        box = FACE_REGIONS[face_region] or parse_box(custom_box)
-        dataset = FaceDataset(dataset_path(dataset_folder))
-        masks = MaskBank(dataset_path(random_masks_folder)) if (random_masks_folder or "").strip() else None
+            recognizer_learning_rate=recognizer_learning_rate, seed=seed, resolution=resolution)
         node_id = cls.hidden.unique_id if cls.hidden else None
-        cls.announce(node_id, dataset, saved, settings, os.path.basename(path))
-        network, features = encoder_and_features(model, settings.seed, face_recognizer, pva_encoder, dataset, saved,
-                                                 os.path.basename(path), node_id)
-        record = run_record(settings, dataset, masks)
-        recognizer_name = (f"iresnet {face_recognizer.network.depth} ({tuned_recognizer_file(os.path.basename(path))})"
-                           if settings.stage == 2 else face_recognizer.name)
-        tuner = PVAFineTuner(model, clip, TRIGGER, torch.zeros(network.queries.shape[0], network.project.out_features),
-                             NODE, gradient_checkpointing == "on", pva_encoder)
-        saver = EncoderSaver(path, settings, record, recognizer_name, face_recognizer.name, cls.outputs)
-        run = EncoderRun(tuner, settings, network, face_recognizer.network,
-                         TrainingProgress(settings.steps, node_id, NODE), saver, save_every, saved)
-        trainables, result = train_on_clones(
-            tuner, gradient_checkpointing, settings.resolution,
-            lambda: SampleReader(dataset, tuner, vae, settings.resolution, box, features, masks), run)
-        log.info("%s: saved encoder %s after %d steps (loss %.4f)", NODE, path, settings.steps, result.losses[-1])
-        projections, word = trainables.identity.frozen_copy()
-        encoder = PVAEncoder(trainables.encoder.to("cpu").eval(), recognizer_name, as_stored(projections), word,
-                             {**record, "steps": settings.steps}, file=os.path.basename(path))
-        curve = loss_curve(result.losses, settings.steps, "PVA encoder training loss")
+        run = EncoderTraining(model, clip, vae, face_recognizer, cls.outputs.path(name), requested, resume,
+                              dataset_path(dataset_folder), FACE_REGIONS[face_region] or parse_box(custom_box),
+                              save_every, pva_encoder, gradient_checkpointing, random_masks_folder, node_id)
+        encoder, result = run(TrainingProgress(run.settings.steps, node_id, NODE), cls.outputs)
+        curve = loss_curve(result.losses, encoder.settings["steps"], "PVA encoder training loss")
         return io.NodeOutput(encoder, curve, ui=ui.PreviewImage(curve, cls=cls))
 
-    @staticmethod
-    def settings(path: str, resume: bool, settings: EncoderTrainingSettings):
-        """(the run's settings, the training state it goes on from): a saved run's own settings to `settings.steps`,
-        or the node's for a new run (None); refusals where neither fits."""
-        file = os.path.basename(path)
-        state_path = state_file(file)
-        if resume and os.path.exists(state_path):
-            state = load_train_state(state_path, f"Delete it (and models/pva_encoders/{file}) to start {file} anew.")
-            if state.settings.get("stage") is None or "encoder_learning_rate" not in state.settings:
-                raise TrainStateError(f"{os.path.basename(state_path)} is not an encoder training's state. Delete it "
-                                      "to start anew.")
-            if settings.steps <= state.steps_done:
-                raise ValueError(f"{file} is already trained for {state.steps_done} steps; set 'steps' above that to "
-                                 f"go on (e.g. {state.steps_done + 1000}).")
-            return EncoderTrainingSettings(**{**state.settings, "steps": settings.steps}), state
-        if os.path.exists(path):
-            advice = ("switch 'resume' on to go on training it, or" if os.path.exists(state_path) else
-                      "it has no training state to resume from:")
-            raise ValueError(f"A PVA encoder named {file!r} already exists; {advice} choose another name (or delete "
-                             "it to start anew).")
-        return settings, None
 
-    @staticmethod
-    def announce(node_id, dataset: FaceDataset, saved, settings: EncoderTrainingSettings, file: str) -> None:
-        text = (f"{len(dataset.people)} people, {dataset.photo_count} photos"
-                + (f" ({len(dataset.too_few)} folders with one photo left out)" if dataset.too_few else "")
-                + (f"; resuming {file} at step {saved.steps_done} of {settings.steps} with its settings"
-                   if saved is not None else f"; stage {settings.stage}, {settings.steps} steps"))
-        if saved is not None and saved.photos and saved.photos != dataset.digest():
-            text += ". The dataset changed since: the run will not end where one long run ends"
-        show_text_on_node(node_id, text + ".")
-        log.info("%s: %s", NODE, text)
+def run_settings(path: str, resume: bool, settings: EncoderTrainingSettings):
+    """(the run's settings, the training state it goes on from): a saved run's own settings to `settings.steps`,
+    or the node's for a new run (None); refusals where neither fits."""
+    file = os.path.basename(path)
+    state_path = state_file(file)
+    if resume and os.path.exists(state_path):
+        state = load_train_state(state_path, f"Delete it (and models/pva_encoders/{file}) to start {file} anew.")
+        if state.settings.get("stage") is None or "encoder_learning_rate" not in state.settings:
+            raise TrainStateError(f"{os.path.basename(state_path)} is not an encoder training's state. Delete it "
+                                  "to start anew.")
+        if settings.steps <= state.steps_done:
+            raise ValueError(f"{file} is already trained for {state.steps_done} steps; set 'steps' above that to "
+                             f"go on (e.g. {state.steps_done + 1000}).")
+        return EncoderTrainingSettings(**{**state.settings, "steps": settings.steps}), state
+    if os.path.exists(path):
+        advice = ("switch 'resume' on to go on training it, or" if os.path.exists(state_path) else
+                  "it has no training state to resume from:")
+        raise ValueError(f"A PVA encoder named {file!r} already exists; {advice} choose another name (or delete "
+                         "it to start anew).")
+    return settings, None
+
+def announce(node_id, dataset: FaceDataset, saved, settings: EncoderTrainingSettings, file: str) -> None:
+    text = (f"{len(dataset.people)} people, {dataset.photo_count} photos"
+            + (f" ({len(dataset.too_few)} folders with one photo left out)" if dataset.too_few else "")
+            + (f"; resuming {file} at step {saved.steps_done} of {settings.steps} with its settings"
+               if saved is not None else f"; stage {settings.stage}, {settings.steps} steps"))
+    if saved is not None and saved.photos and saved.photos != dataset.digest():
+        text += ". The dataset changed since: the run will not end where one long run ends"
+    show_text_on_node(node_id, text + ".")
+    log.info("%s: %s", NODE, text)
 
 
 def run_record(settings: EncoderTrainingSettings, dataset: FaceDataset, masks: MaskBank | None) -> dict:

@@ -176,7 +176,7 @@ def test_captioned_photos_are_prompted_with_their_caption_half_the_time(host_cle
     shutil.copytree(dataset, captioned)
     captions = {}
     for photo in sorted(captioned.glob("*/[0-9].png")):
-        text = f"{photo.parent.name} photo {photo.stem} " + ("and a long story " * 30 if photo.stem == "1" else "")
+        text = f"{photo.parent.name} photo {photo.stem} " + "and a long story " * 30  # over 77 tokens
         photo.with_suffix(".txt").write_text(text)
         captions[f"photo of a sks person. {' '.join(text.split())}"] = photo
     tuner_class = host.module("nodes.pva.training").PVAFineTuner
@@ -190,7 +190,7 @@ def test_captioned_photos_are_prompted_with_their_caption_half_the_time(host_cle
     result = host.run(graph)
     assert result.success, result.error
     assert len(prompts) == 6 and None in prompts and set(prompts) - {None} <= set(captions)
-    assert any(p and "long story" in p for p in prompts)  # seed 0 draws the long caption (over 77 tokens)
+    assert any(p and "long story" in p for p in prompts)  # a caption drawn, whole
 
 
 def test_with_a_random_masks_folder_each_samples_face_region_is_joined_with_one_of_its_masks(host_clean, dataset,
