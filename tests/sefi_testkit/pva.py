@@ -1,6 +1,6 @@
 """What the PVA tests share: stand-ins for trained files (a random ArcFace recognizer and encoder, a PVA identity, a
 small dataset of people), graphs of the PVA nodes, the test photos, a recorder of every cross-attention call, and the
-paper's formula for parallel visual attention written out independently of the pack.
+paper's formula for parallel visual attention and its identity similarity, written out independently of the pack.
 
 A random recognizer (iresnet r18) and a random one-layer encoder stand in for trained ones: the suite proves the
 mechanism and the plumbing, not identity quality (no PVA weights exist publicly)."""
