@@ -1,6 +1,6 @@
 """What the PVA tests share: stand-ins for trained files (a random ArcFace recognizer and encoder, a PVA identity, a
 small dataset of people), graphs of the PVA nodes, the test photos, a recorder of every cross-attention call, and the
-paper's formula for parallel visual attention written out independently of the pack.
+paper's formula for parallel visual attention and its identity similarity, written out independently of the pack.
 
 A random recognizer (iresnet r18) and a random one-layer encoder stand in for trained ones: the suite proves the
 mechanism and the plumbing, not identity quality (no PVA weights exist publicly)."""
@@ -150,3 +150,23 @@ def paper_formula(q, k, v, q_visual, k_visual, v_visual, heads, strength=1.0):
     weights = torch.softmax(torch.cat([text_logits, visual_logits], dim=-1), dim=-1)
     out = weights @ torch.cat([heads_of(v), heads_of(v_visual)], dim=2)
     return out.transpose(1, 2).reshape(b, n, inner)
+
+
+def pil_read(picture: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) in [0, 1] -> (3, 256, 256) in [-1, 1], resized channel by channel by PIL's bilinear filter, as the
+    PVA authors read the pictures they measure."""
+    channels = [np.asarray(Image.fromarray(c.numpy(), mode="F").resize((256, 256), Image.Resampling.BILINEAR))
+                for c in picture.float()]
+    return torch.from_numpy(np.stack(channels)) * 2 - 1
+
+
+def paper_id_similarity(network, images, references) -> torch.Tensor:
+    """The paper's identity similarity written out: each (3, H, W) picture read at 256 px, rows and columns 35..222
+    kept and pooled to 112, the recognizer's features; per image the mean over the references of torch's cosine
+    similarity (with one reference, the paper's cosine to the original photo)."""
+    def features(batch):
+        faces = torch.stack([pil_read(p)[:, 35:223, 35:223] for p in batch])
+        with torch.no_grad():
+            return network(torch.nn.AdaptiveAvgPool2d((112, 112))(faces)).float()
+    ours, theirs = features(images), features(references)
+    return torch.stack([torch.nn.functional.cosine_similarity(ours, ref[None], dim=1) for ref in theirs]).mean(0)
