@@ -23,7 +23,8 @@ from comfy_api.latest import io, ui
 
 from ...sefi_core.files import save_atomically
 from ...sefi_core.pva.dataset import (ALIGNED_FACE_BOX, CAPTION_CHANCE, WHOLE_PHOTO, FaceDataset, MaskBank, Photo,
-                                      box_mask, parse_box, read_caption, read_mask, read_photo)
+                                      box_mask, open_dataset, parse_box, read_caption, read_drawn_photo, read_mask,
+                                      read_photo)
 from ...sefi_core.pva.encoder import IdentityEncoder
 from ...sefi_core.pva.face import CROP_FROM, FEATURE_DIM
 from ...sefi_core.pva.model_files import PVAEncoder, save_encoder
@@ -75,7 +76,7 @@ class SampleReader:
 
     def __call__(self, generator: torch.Generator) -> EncoderSample:
         drawn = self.dataset.draw(generator)
-        photo = read_photo(drawn.target.path, self.resolution)
+        photo = read_drawn_photo(drawn.target, self.resolution)
         mask = read_mask(drawn.target.mask, self.resolution) if drawn.target.mask else box_mask(self.box,
                                                                                                 self.resolution)
         if self.masks is not None:  # drawn only with a bank: runs without one draw as before
@@ -83,10 +84,11 @@ class SampleReader:
         target = self.tuner.samples([(photo, mask)], self.vae)[0]
         prompt = self.prompt(drawn.target, generator)
         if self.features is not None:
-            rows = [self.features[p.path][0] for p in drawn.references]
-            rows += [self.features[drawn.references[-1].path][1]] if drawn.flip_last else []
+            rows = [self.features[p.path][int(p.mirrored)] for p in drawn.references]
+            rows += [self.features[drawn.references[-1].path][int(not drawn.references[-1].mirrored)]] \
+                if drawn.flip_last else []
             return EncoderSample(target, None, torch.stack(rows).to(self.tuner.device), prompt)
-        references = torch.stack([read_photo(p.path, CROP_FROM) for p in drawn.references])
+        references = torch.stack([read_drawn_photo(p, CROP_FROM) for p in drawn.references])
         if drawn.flip_last:
             references = torch.cat([references, references[-1:].flip(-1)])
         return EncoderSample(target, references.to(self.tuner.device), prompt=prompt)
@@ -192,7 +194,10 @@ class PVATrainEncoder(io.ComfyNode):
                                 tooltip="A folder (under ComfyUI's input folder, or a full path) with one sub-folder "
                                         "per person, 2 or more aligned face photos each. Optional beside a photo: "
                                         "a face mask photo.mask.png for photo.jpg, white on the face, and a caption "
-                                        "photo.txt (half the samples are prompted with it, as in the paper)."),
+                                        "photo.txt (half the samples are prompted with it, as in the paper). Or the "
+                                        "paper's CelebAHQ-IDI as its authors publish it (the folder holding image/ "
+                                        "and annotation/): its train identities, face regions, captions and random "
+                                        "masks (leave random_masks_folder empty)."),
                 io.String.Input("name", default="my_pva_encoder",
                                 tooltip="File name in models/pva_encoders (letters, digits, - and _)."),
                 io.Combo.Input("stage", options=list(STAGES), default=next(iter(STAGES)),
@@ -277,7 +282,7 @@ class PVATrainEncoder(io.ComfyNode):
         check_sources(settings, saved, face_recognizer, pva_encoder, model)
         check_outputs(path, settings, saved, face_recognizer)
         box = FACE_REGIONS[face_region] or parse_box(custom_box)
-        dataset = FaceDataset(dataset_path(dataset_folder))
+        dataset = open_dataset(dataset_path(dataset_folder))
         masks = MaskBank(dataset_path(random_masks_folder)) if (random_masks_folder or "").strip() else None
         node_id = cls.hidden.unique_id if cls.hidden else None
         cls.announce(node_id, dataset, saved, settings, os.path.basename(path))

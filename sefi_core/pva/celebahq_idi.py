@@ -183,7 +183,8 @@ def read_split_annotation(root: str, split: str) -> dict:
             if os.path.isdir(os.path.join(root, ANNOTATION)) else []
         found = f" (found: {', '.join(others)})" if others else ""
         raise DatasetError(f"The CelebAHQ-IDI annotation file {SPLIT_FILE} is missing in {root}{found}: it holds the "
-                           f"identity split. {redownload(SPLIT_FILE)}")
+                           f"identity split. {redownload(SPLIT_FILE)} (A folder of people is taken for CelebAHQ-IDI "
+                           f"where it has a person folder named {ANNOTATION!r} or {IMAGES!r}: rename that one.)")
     try:
         with open(path, encoding="utf-8") as file:
             annotation = json.load(file)
