@@ -24,7 +24,8 @@ from comfy_api.latest import io, ui
 from ...sefi_core.files import save_atomically
 from ...sefi_core.pva.distributed import World
 from ...sefi_core.pva.dataset import (ALIGNED_FACE_BOX, CAPTION_CHANCE, WHOLE_PHOTO, FaceDataset, MaskBank, Photo,
-                                      box_mask, parse_box, read_caption, read_mask, read_photo)
+                                      box_mask, open_dataset, parse_box, read_caption, read_drawn_photo, read_mask,
+                                      read_photo)
 from ...sefi_core.pva.encoder import IdentityEncoder
 from ...sefi_core.pva.face import CROP_FROM, FEATURE_DIM
 from ...sefi_core.pva.model_files import PVAEncoder, save_encoder
@@ -76,7 +77,7 @@ class SampleReader:
 
     def __call__(self, generator: torch.Generator) -> EncoderSample:
         drawn = self.dataset.draw(generator)
-        photo = read_photo(drawn.target.path, self.resolution)
+        photo = read_drawn_photo(drawn.target, self.resolution)
         mask = read_mask(drawn.target.mask, self.resolution) if drawn.target.mask else box_mask(self.box,
                                                                                                 self.resolution)
         if self.masks is not None:  # drawn only with a bank: runs without one draw as before
@@ -84,10 +85,11 @@ class SampleReader:
         target = self.tuner.samples([(photo, mask)], self.vae)[0]
         prompt = self.prompt(drawn.target, generator)
         if self.features is not None:
-            rows = [self.features[p.path][0] for p in drawn.references]
-            rows += [self.features[drawn.references[-1].path][1]] if drawn.flip_last else []
+            rows = [self.features[p.path][int(p.mirrored)] for p in drawn.references]
+            rows += [self.features[drawn.references[-1].path][int(not drawn.references[-1].mirrored)]] \
+                if drawn.flip_last else []
             return EncoderSample(target, None, torch.stack(rows).to(self.tuner.device), prompt)
-        references = torch.stack([read_photo(p.path, CROP_FROM) for p in drawn.references])
+        references = torch.stack([read_drawn_photo(p, CROP_FROM) for p in drawn.references])
         if drawn.flip_last:
             references = torch.cat([references, references[-1:].flip(-1)])
         return EncoderSample(target, references.to(self.tuner.device), prompt=prompt)
@@ -182,7 +184,7 @@ class EncoderTraining:
         world.share(self.settings.samples_per_step)  # refused now, before anything is read, where it does not split
         check_sources(self.settings, self.saved, face_recognizer, pva_encoder, model)
         check_outputs(path, self.settings, self.saved, face_recognizer)
-        self.dataset = FaceDataset(dataset_folder)
+        self.dataset = open_dataset(dataset_folder)
         self.masks = MaskBank(dataset_path(random_masks_folder)) if (random_masks_folder or "").strip() else None
         self.path, self.vae, self.box, self.save_every, self.world = path, vae, box, save_every, world
         # An out-of-memory retry ('auto') starts one rank again while the others wait in a step: on several
@@ -244,7 +246,10 @@ class PVATrainEncoder(io.ComfyNode):
                                 tooltip="A folder (under ComfyUI's input folder, or a full path) with one sub-folder "
                                         "per person, 2 or more aligned face photos each. Optional beside a photo: "
                                         "a face mask photo.mask.png for photo.jpg, white on the face, and a caption "
-                                        "photo.txt (half the samples are prompted with it, as in the paper)."),
+                                        "photo.txt (half the samples are prompted with it, as in the paper). Or the "
+                                        "paper's CelebAHQ-IDI as its authors publish it (the folder holding image/ "
+                                        "and annotation/): its train identities, face regions, captions and random "
+                                        "masks (leave random_masks_folder empty)."),
                 io.String.Input("name", default="my_pva_encoder",
                                 tooltip="File name in models/pva_encoders (letters, digits, - and _)."),
                 io.Combo.Input("stage", options=list(STAGES), default=next(iter(STAGES)),

@@ -4,6 +4,8 @@ of that person (aligned face crops, as CelebA-HQ's), and optionally a face mask 
 face box (the recognizer's crop region), a box given as fractions of the photo, or the whole photo. A caption may sit
 beside a photo too: `photo.txt` (e.g. CelebA-Dialog's for CelebA-HQ); the paper prompts half the samples with it.
 A folder of random masks (MaskBank) may widen every sample's face region, as the authors join one to each region.
+The authors' own dataset, CelebAHQ-IDI in its published layout, is read by celebahq_idi.py; `open_dataset` tells the
+two layouts apart and gives the reader of either (the same interface: people, names, draw, digest).
 
 Each training sample is drawn as the authors draw it (their training dataset class): a person, one of their photos as the
 target, and 1-5 of their other photos as the references (a random count), plus a flipped copy of the last reference
@@ -38,10 +40,32 @@ class DatasetError(ValueError):
 
 
 @dataclass(frozen=True)
+class Caption:
+    """A caption given as text (an entry of CelebA-Dialog's captions file), not as a file beside the photo."""
+    text: str
+
+
+@dataclass(frozen=True)
+class BoxMask:
+    """A face region drawn for one sample, not painted in a file: a box (left, top, right, bottom as fractions of the
+    photo), mirrored with its photo where the photo is drawn mirrored, joined with a random mask file where one is
+    drawn (not mirrored: it is random anyway, as the authors join it after the flip)."""
+    box: tuple[float, float, float, float]
+    mirrored: bool = False
+    random: str | None = None
+
+    def read(self, size: int) -> torch.Tensor:
+        mask = box_mask(self.box, size)
+        mask = mask.flip(-1) if self.mirrored else mask
+        return torch.maximum(mask, mask_square(self.random, size)) if self.random else mask
+
+
+@dataclass(frozen=True)
 class Photo:
     path: str
-    mask: str | None  # its face mask file, where there is one
-    caption: str | None = None  # its caption file, where there is one
+    mask: str | BoxMask | None  # its face mask file, or the region drawn for it, where there is one
+    caption: str | Caption | None = None  # its caption file (or text), where there is one
+    mirrored: bool = False  # drawn mirrored left to right (CelebAHQ-IDI's draws, as the authors train)
 
 
 @dataclass
@@ -165,6 +189,12 @@ def read_photo(path: str, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
+def read_drawn_photo(photo: Photo, size: int) -> torch.Tensor:
+    """(3, size, size): a drawn photo's centre square, mirrored where it was drawn mirrored."""
+    square = read_photo(photo.path, size)
+    return square.flip(-1) if photo.mirrored else square
+
+
 class MaskBank:
     """A folder of random inpainting masks (.png, white = inpaint; e.g. the irregular masks of inpainting
     benchmarks): each sample's face region is joined with one, drawn from the run's generator."""
@@ -182,8 +212,10 @@ class MaskBank:
         return mask_square(self.paths[int(torch.randint(len(self.paths), (1,), generator=generator))], size)
 
 
-def read_caption(path: str) -> str:
-    """A caption file's text on one line; refused where it is empty or not UTF-8 text."""
+def read_caption(path: str | Caption) -> str:
+    """A caption file's text (or a caption's text) on one line; refused where it is empty or not UTF-8 text."""
+    if isinstance(path, Caption):
+        return " ".join(path.text.split())
     try:
         with open(path, encoding="utf-8") as file:
             text = " ".join(file.read().split())
@@ -206,10 +238,38 @@ def mask_square(path: str, size: int) -> torch.Tensor:
     return torch.from_numpy((np.asarray(mask) > 127).astype(np.float32))
 
 
-def read_mask(path: str, size: int) -> torch.Tensor:
-    """(size, size) in {0, 1}: a face mask's centre square (white = face); refused where it covers nothing."""
+def read_mask(path: str | BoxMask, size: int) -> torch.Tensor:
+    """(size, size) in {0, 1}: a face mask's centre square (white = face), or the region drawn for the photo; refused
+    where it covers nothing."""
+    if isinstance(path, BoxMask):
+        return path.read(size)
     mask = mask_square(path, size)
     if not bool(mask.any()):
         raise DatasetError(f"The face mask {path} is black in its photo's centre square: nothing to inpaint. Paint the "
                            "face white, or delete the mask to use the face box.")
     return mask
+
+
+SPLITS = ("train", "val", "test")  # CelebAHQ-IDI's identity splits; a folder of people is all "train"
+
+
+def open_dataset(root: str, split: str = "train"):
+    """The reader of the dataset at `root`, of either layout: CelebAHQ-IDI as its authors publish it (a folder holding
+    image/ and annotation/, or the folder above it, celebahq/) gives the identities of `split`; a folder with one
+    sub-folder per person has only "train"."""
+    from .celebahq_idi import CelebAHQIDI, celebahq_idi_root  # a local import: that module builds on this one
+
+    if split not in SPLITS:
+        raise DatasetError(f"The split {split!r} is not one of {', '.join(SPLITS)} (CelebAHQ-IDI's identity splits).")
+    if not os.path.isdir(root):
+        raise DatasetError(f"The dataset folder {root!r} does not exist. Give a folder with one sub-folder per person "
+                           "(two or more face photos each), or CelebAHQ-IDI as downloaded (the folder holding image/ "
+                           "and annotation/), e.g. under ComfyUI's input folder.")
+    idi_root = celebahq_idi_root(root)
+    if idi_root is not None:
+        return CelebAHQIDI(idi_root, split)
+    if split != "train":
+        raise DatasetError(f"The dataset folder {root!r} is a folder of people: it has no {split!r} split, only 'train' "
+                           "(every person in it). Held-out identities come with CelebAHQ-IDI's split annotation "
+                           "(annotation/idi-5.json).")
+    return FaceDataset(root)

@@ -291,3 +291,52 @@ def test_pvas_trainings_set_the_hosts_training_flag_for_the_run_only(host_clean,
         host.tick_watchers.clear()
     assert 0 < encoder_ticks < len(seen) and all(f is (True if has_flag else None) for f in seen), seen
     assert flag() is (False if has_flag else None)
+
+
+def test_the_authors_celebahq_idi_is_trained_on_as_downloaded(host_clean, pva_files, monkeypatch):
+    """CelebAHQ-IDI in its authors' published layout (the folder above celebahq/ given): the node trains on its train
+    identities, each sample's mask one of the target's face regions (mirrored with it) joined with one of the random
+    masks, the prompt followed by the target's CelebA-Dialog caption where drawn; a download without its region file
+    is refused before any work."""
+    import shutil
+    from sefi_testkit.celebahq_idi import NO_LANDMARKS, RESOLUTION, write_celebahq_idi
+    host = host_clean
+    root = host.input_dir / "pva_celebahq_idi"
+    shutil.rmtree(root, ignore_errors=True)
+    idi = write_celebahq_idi(root / "celebahq", size=PHOTO_SIZE)
+    tuner_class = host.module("nodes.pva.training").PVAFineTuner
+    masks, prompts, samples, denoise = [], [], tuner_class.samples, tuner_class.denoise
+
+    def recording_samples(self, squares, vae):
+        masks.extend(mask for _, mask in squares)
+        return samples(self, squares, vae)
+
+    def recording_denoise(self, *args, prompt=None, **kwargs):
+        prompts.append(prompt)
+        return denoise(self, *args, prompt=prompt, **kwargs)
+    monkeypatch.setattr(tuner_class, "samples", recording_samples)
+    monkeypatch.setattr(tuner_class, "denoise", recording_denoise)
+    result = host.run(train_graph("celebahq_idi", steps=4, dataset_folder="pva_celebahq_idi"))
+    assert result.success, result.error
+    settings = load(host, "celebahq_idi.safetensors").settings
+    assert (settings["dataset"], settings["people"], settings["photos"]) == ("celebahq", 3, len(idi.images("train")))
+
+    def region(image, name):  # the box as the authors paint it: (top, left, bottom, right) at 1024 px, scaled
+        if image == NO_LANDMARKS:  # empty boxes: the aligned face box instead
+            dataset_module = host.module("sefi_core.pva.dataset")
+            return dataset_module.box_mask(dataset_module.ALIGNED_FACE_BOX, PHOTO_SIZE)
+        top, left, bottom, right = (int(v) * PHOTO_SIZE // RESOLUTION for v in idi.boxes[name][image].tolist())
+        mask = torch.zeros(PHOTO_SIZE, PHOTO_SIZE)
+        mask[top:bottom, left:right] = 1
+        return mask
+    randoms = [torch.from_numpy(np.asarray(Image.open(path)) > 127).float() for path in idi.masks]
+    boxes = [box for image in idi.images("train") for name in ("lowerface", "eyebrow", "wholeface")
+             for box in (region(image, name), region(image, name).flip(-1))]
+    allowed = [torch.maximum(box, random) for box in boxes for random in randoms]
+    assert len(masks) == 4 and all(any(torch.equal(mask, a) for a in allowed) for mask in masks)
+    captions = {f"photo of a sks person. {text}" for text in idi.captions.values()}
+    assert len(prompts) == 4 and set(prompts) - {None} <= captions and set(prompts) & captions
+    (root / "celebahq" / "annotation" / "region_bbox.pth").unlink()
+    broken = host.run(train_graph("celebahq_idi_broken", steps=2, dataset_folder="pva_celebahq_idi"))
+    assert not broken.success and "region_bbox.pth is missing" in broken.error["exception_message"]
+    assert not host.progress and not (host.pva_encoder_dir / "celebahq_idi_broken.safetensors").exists()
