@@ -19,13 +19,11 @@ import logging
 import os
 import time
 
-import torch
-
-import folder_paths
 import nodes as host_nodes
 
 from ...sefi_core.plot import smoothed, smoothing_span
-from ...sefi_core.pva.dataset import DatasetError, FaceDataset
+from ...sefi_core.pva.celebahq_idi import celebahq_idi_root
+from ...sefi_core.pva.dataset import DatasetError, FaceDataset, open_dataset
 from ...sefi_core.pva.distributed import World
 from ...sefi_core.pva.train import EncoderTrainingSettings, validation_loss
 from ..training import CHECKPOINTING_MODES
@@ -51,7 +49,8 @@ def arguments() -> argparse.ArgumentParser:
                                              "(the paper's: ms1mv3_arcface_r50.pth).")
     source.add_argument("--clip-vision", help="Or a CLIP vision model in models/clip_vision (stage 1 only).")
     add("--dataset", required=True, help="The dataset folder (a full path, or one under ComfyUI's input folder): one "
-                                         "sub-folder per person, as PVA Train Encoder reads it.")
+                                         "sub-folder per person, or CelebAHQ-IDI as downloaded (its train split), "
+                                         "as PVA Train Encoder reads them.")
     add("--name", required=True, help="The encoder's file name in models/pva_encoders (letters, digits, - and _).")
     add("--stage", type=int, choices=sorted(STAGES.values()), default=1,
         help="1: encoder, visual attention, word. 2: also the face recognizer (give --encoder: the stage-1 one).")
@@ -79,7 +78,7 @@ def arguments() -> argparse.ArgumentParser:
         help="on: recompute activations in backward (less memory, about 1.4x the time). auto: off, switched on after "
              "running out of memory on one process; on several, out of memory stops the run (restart with on).")
     add("--validation-dataset", default="", help="A folder of held-out people (none of the dataset's), for the "
-                                                 "validation loss.")
+                                                 "validation loss; CelebAHQ-IDI's val split is used by itself.")
     add("--validation-every", type=int, default=500, help="Steps between validation losses (and at the end).")
     add("--validation-samples", type=int, default=64, help="Held-out samples per validation (a multiple of the "
                                                             "number of processes).")
@@ -168,16 +167,27 @@ class CommandProgress:
                                self.args.validation_samples, seed, self.world)
 
 
-def validation_reader(training: EncoderTraining, args):
-    """The validation samples' reader (held-out people, read as the training reads its own) and their seed; None
-    without a validation dataset. Checked before any training."""
+def held_out_people(training: EncoderTraining, args):
+    """The validation's people: --validation-dataset (a folder of people, or CelebAHQ-IDI's val split), else the
+    training dataset's own val split where it has one (CelebAHQ-IDI); None without either."""
+    own_split = getattr(training.dataset, "split", None) is not None
     if not args.validation_dataset.strip():
-        return None
+        return open_dataset(training.dataset.root, "val") if own_split else None
     folder = dataset_path(args.validation_dataset)
+    if celebahq_idi_root(folder) is not None:
+        return open_dataset(folder, "val")
     if os.path.realpath(folder) == os.path.realpath(training.dataset.root):
         raise DatasetError(f"--validation-dataset is the training dataset ({folder}): validation needs people the "
                            "encoder does not train on. Move some people's folders into another folder and give it.")
-    held_out = FaceDataset(folder)
+    return FaceDataset(folder)
+
+
+def validation_reader(training: EncoderTraining, args):
+    """The validation samples' reader (held-out people, read as the training reads its own) and their seed; None
+    without held-out people. Checked before any training."""
+    held_out = held_out_people(training, args)
+    if held_out is None:
+        return None
     shared = sorted(set(held_out.names) & set(training.dataset.names))
     if shared:
         raise DatasetError(f"--validation-dataset holds people the training dataset holds too ({', '.join(shared[:3])}"

@@ -306,7 +306,7 @@ def sample_generators(generator: torch.Generator, count: int) -> list[torch.Gene
 
 def sample_loss(sample_generator: torch.Generator, trainables: EncoderTrainables,
                 draw: Callable[[torch.Generator], EncoderSample], denoise: EncoderDenoise, timesteps: int,
-                step: int) -> torch.Tensor:
+                when: str) -> torch.Tensor:
     """One sample's denoising loss, everything random in it from its own generator: the encoder's dropout (through
     the default generators, seeded from it), the draw, the timesteps and the noise."""
     torch.manual_seed(int(torch.randint(2**62, (1,), generator=sample_generator)))

@@ -329,3 +329,14 @@ def test_each_sample_is_denoised_with_its_own_prompt():
     encoder_run(steps=3, prompts=prompts)
     assert prompts["seen"] == prompts["drawn"] and len(prompts["seen"]) == 6  # 3 steps x 2 samples
     assert None in prompts["seen"] and any(prompts["seen"])  # with and without a caption: the test can tell
+
+
+def test_non_finite_visual_tokens_are_blamed_on_the_recognizer_or_the_encoder_not_the_learning_rates():
+    from sefi_core.pva.train import EncoderSample, EncoderTrainables, sample_loss
+    encoder = IdentityEncoder(768, layers=1, heads=8, feature_dim=24)
+    trainables = EncoderTrainables(encoder, None, TrainableIdentity({}, torch.zeros(768), "cpu"), 1)
+    nan_features = torch.full((2, 24), float("nan"))
+    sample = EncoderSample(InpaintSample(torch.zeros(1, 4, 8, 8), torch.zeros(1, 5, 8, 8)), None, nan_features)
+    with pytest.raises(FloatingPointError, match="not finite at step 3: the face recognizer's features or the "
+                                                 "encoder's output"):
+        sample_loss(torch.Generator().manual_seed(0), trainables, lambda g: sample, None, 1, "at step 3")

@@ -6,7 +6,6 @@ save whole and resumable; bad set-ups are refused before training."""
 import csv
 
 import pytest
-import torch
 
 from sefi_testkit import distributed
 
