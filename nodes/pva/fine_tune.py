@@ -150,18 +150,27 @@ class PVAFineTuneIdentity(io.ComfyNode):
         settings = FineTuneSettings(steps=steps, timesteps=timesteps_per_step,
                                     projection_learning_rate=projection_learning_rate,
                                     word_learning_rate=word_learning_rate, seed=seed, resolution=resolution)
-        squares = square_photos(photos, masks, resolution)
-        tokens = visual_tokens(face_recognizer, pva_encoder, squares)
         progress = TrainingProgress(settings.steps, cls.hidden.unique_id if cls.hidden else None, NODE)
-        tuner = PVAFineTuner(model, clip, trigger, tokens, NODE, gradient_checkpointing == "on", pva_encoder)
-        result = train_on_clones(tuner, gradient_checkpointing, resolution, lambda: tuner.samples(squares, vae),
-                                 lambda samples: tuner.fine_tune(settings, samples, progress))
-        identity = PVAIdentity(tokens, as_stored(result.projections), result.word, trigger, model_fingerprint(clip),
-                               face_recognizer.name, pva_encoder.hash,
-                               {**settings.as_metadata(), "photos": len(photos), "face_mask": face_mask is not None})
+        identity, result = cls.identity_from(photos, masks, face_mask is not None, model, clip, vae, face_recognizer,
+                                             pva_encoder, trigger, settings, progress, gradient_checkpointing)
         cls.save(identity, path, overwrite, result.losses)
         curve = loss_curve(result.losses, settings.steps, "PVA fine-tune loss")
         return io.NodeOutput(identity, curve, ui=ui.PreviewImage(curve, cls=cls))
+
+    @staticmethod
+    def identity_from(photos, masks, masked: bool, model, clip, vae, face_recognizer, pva_encoder, trigger: str,
+                      settings: FineTuneSettings, on_step, gradient_checkpointing="auto"):
+        """The fine-tune itself, on checked inputs, saving nothing: (the identity, the run's result). PVA's evaluation
+        command fine-tunes each test person through it."""
+        squares = square_photos(photos, masks, settings.resolution)
+        tokens = visual_tokens(face_recognizer, pva_encoder, squares)
+        tuner = PVAFineTuner(model, clip, trigger, tokens, NODE, gradient_checkpointing == "on", pva_encoder)
+        result = train_on_clones(tuner, gradient_checkpointing, settings.resolution, lambda: tuner.samples(squares, vae),
+                                 lambda samples: tuner.fine_tune(settings, samples, on_step))
+        identity = PVAIdentity(tokens, as_stored(result.projections), result.word, trigger, model_fingerprint(clip),
+                               face_recognizer.name, pva_encoder.hash,
+                               {**settings.as_metadata(), "photos": len(photos), "face_mask": masked})
+        return identity, result
 
     @classmethod
     def save(cls, identity: PVAIdentity, path: str, overwrite: bool, losses: list[float]) -> None:
