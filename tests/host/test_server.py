@@ -13,7 +13,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 NODES = ["SefiTrainIdentity", "SefiLoadIdentity", "SefiApplyStageTokens", "SefiAttentionMapPreview",
          "PVALoadFaceRecognizer", "PVAClipVisionFeatures", "PVALoadEncoder", "PVATrainEncoder", "PVAFineTuneIdentity",
          "PVALoadIdentity", "PVAApply", "PVAIdentitySimilarity"]
-HELP_PAGE_PENDING = {"PVAIdentitySimilarity"}  # its help page and picture are still to be written (web/docs)
 WORKFLOWS = sorted(p.stem for p in (REPO_ROOT / "workflows").glob("*.json"))
 
 
@@ -31,8 +30,7 @@ def pack_name(server, node_id):
     return parts[1].split("@")[0]
 
 
-@pytest.mark.parametrize("node_id", [pytest.param(n, marks=pytest.mark.xfail(
-    strict=True, reason="help page not written yet")) if n in HELP_PAGE_PENDING else n for n in NODES])
+@pytest.mark.parametrize("node_id", NODES)
 def test_each_node_has_a_help_page_where_the_frontend_asks_for_it(server, node_id):
     pack = pack_name(server, node_id)
     status, _, _ = server.get(f"/extensions/{pack}/docs/{node_id}/en.md")  # asked first; none: it falls back
