@@ -23,10 +23,12 @@ _MIN_SIZE_1_27 = {"CheckpointLoaderSimple": (210, 98), "LoadImage": (215, 326), 
                   "VAEEncodeForInpaint": (213, 98), "SefiAttentionMapPreview": (235, 234), "Note": (210, 88),
                   "InpaintModelConditioning": (210, 138), "PVALoadFaceRecognizer": (212, 58), "PVALoadEncoder": (210, 58),
                   "PVAFineTuneIdentity": (233, 394), "PVAApply": (210, 170), "PVALoadIdentity": (210, 78),
-                  "CLIPVisionLoader": (210, 58), "PVAClipVisionFeatures": (270, 26), "PVATrainEncoder": (237, 570)}
+                  "CLIPVisionLoader": (210, 58), "PVAClipVisionFeatures": (270, 26), "PVATrainEncoder": (237, 570),
+                  "PVAIdentitySimilarity": (214, 86)}
 _MIN_SIZE_1_49 = {**_MIN_SIZE_1_27, "LoadImage": (223, 326), "SefiTrainIdentity": (237, 498), "CLIPTextEncode": (219, 88),
                   "VAEEncodeForInpaint": (223, 98), "SefiAttentionMapPreview": (245, 234), "PVAFineTuneIdentity": (241, 394),
-                  "PVALoadFaceRecognizer": (219, 58), "PVAClipVisionFeatures": (279, 26), "PVATrainEncoder": (245, 570)}
+                  "PVALoadFaceRecognizer": (219, 58), "PVAClipVisionFeatures": (279, 26), "PVATrainEncoder": (245, 570),
+                  "PVAIdentitySimilarity": (225, 86)}
 FRONTENDS = {
     "1.27.10": {"canvas": (64, 78), "visible": (64, 78, 1920, 1080), "covered": [(1596, 1018, 1904, 1064)],
                 "title": 30, "min_size": _MIN_SIZE_1_27},

@@ -143,6 +143,10 @@ def main() -> None:
             if name == "6_pva_face_inpainting":
                 save_jpeg(shots / f"{name}.png", IMAGES / "pva_workflow.jpg", (1440, 810))
                 shot(IMAGES / "pva_workflow.jpg", name)
+            if name == "7_sefi_vs_pva":
+                likeness = node_id_of(workflow, "PVAIdentitySimilarity", "PVA's likeness")
+                node_picture(frontend, likeness, IMAGES / "identity_similarity_node.png")
+                shot(IMAGES / "identity_similarity_node.png", name)
             if name == "5_attention_preview":
                 with_identity = node_id_of(workflow, "SefiAttentionMapPreview", "With the identity")
                 node_picture(frontend, with_identity, IMAGES / "preview_node.png", scale=1.0)
