@@ -4,8 +4,10 @@ Each transformer block's cross-attention (16 in SD1.x) gets an object patch on i
 and their names stay the host's, so loading, LoRAs and casting are untouched). The patched forward runs the host's own
 CrossAttention.forward wherever no visual tokens act: for batch rows that get none (the negative, unless asked), outside
 start/end, at strength 0. Where they act, it takes the layer's own Q, K, V (so SeFi's K/V injector and other attn2
-patches, which change the context and value before the layer, act on the text half as usual), adds Q', K_v, V_v from the
-identity's visual projections and calls the host's attention function once on both (sefi_core/pva/attention.py).
+patches, which change the context and value before the layer, act on the text half as usual) and the identity's visual
+logit map and values (formed once per device and dtype while sampling, at every call while training), and takes one
+softmax over the text and visual keys (sefi_core/pva/attention.py); rows without visual tokens in the same call get the
+host's attention function.
 
 Two things cannot share a layer with it: an attn2 *replace* patch (e.g. IPAdapter's), with which the block bypasses
 the layer's forward, and another object patch on the same forward. Both are refused by name, when applying and, for a
@@ -74,17 +76,17 @@ class ParallelVisualForward:
                                        transformer_options=transformer_options)
         context = x if context is None else context
         q, k, v = layer.to_q(x), layer.to_k(context), layer.to_v(context if value is None else value)
-        attention = lambda *args, **kwargs: host_attention.optimized_attention(
-            *args, attn_precision=layer.attn_precision, transformer_options=transformer_options, **kwargs)
+        visual = self.identity.projections[self.name].visual_keys(self.identity.tokens, layer.heads, x.device, x.dtype)
+        joint = lambda *tensors: joint_attention(*tensors, visual, layer.heads, strength=self.identity.strength)
+        if bool(rows.all()):
+            return layer.to_out(joint(q, k, v, x))
         rows = rows.to(x.device)
         out = torch.empty_like(q)
-        if not bool(rows.all()):
-            off = ~rows
-            out[off] = attention(q[off], k[off], v[off], layer.heads)
-        tokens = self.identity.tokens.to(device=x.device, dtype=x.dtype).expand(int(rows.sum()), -1, -1)
-        q_visual, k_visual, v_visual = self.identity.projections[self.name].project(x[rows], tokens)
-        out[rows] = joint_attention(q[rows], k[rows], v[rows], q_visual, k_visual, v_visual, layer.heads, attention,
-                                    strength=self.identity.strength)
+        off = ~rows
+        out[off] = host_attention.optimized_attention(q[off], k[off], v[off], layer.heads,
+                                                      attn_precision=layer.attn_precision,
+                                                      transformer_options=transformer_options)
+        out[rows] = joint(q[rows], k[rows], v[rows], x[rows])
         return layer.to_out(out)
 
 
