@@ -31,7 +31,7 @@ import comfy.model_management
 from comfy_api.latest import io
 
 from ..sefi_core.tokens import mark_triggers
-from .clip_tokens import word_token_ids
+from .clip_tokens import text_encoder, token_key, word_token_ids
 
 log = logging.getLogger(__name__)
 TRIGGER_SLOT = object()  # marks the trigger's slot in a training prompt, filled with the embedding being trained
@@ -199,10 +199,10 @@ class TrainingClones:
         self.model = patch_model(self.model)
         _wrap_weights(self.model, self.model.model)
         _wrap_weights(self.clip.patcher, self.clip.cond_stage_model)
-        layers = self.clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers
-        for i, layer in enumerate(layers):
-            self.clip.patcher.add_object_patch(f"clip_l.transformer.text_model.encoder.layers.{i}.forward",
-                                               _out_of_place(layer))
+        self.token_key = token_key(clip)  # "l" (CLIP-L), "h" (SD2's OpenCLIP ViT-H, PVA's)
+        for i, layer in enumerate(text_encoder(self.clip).transformer.text_model.encoder.layers):
+            self.clip.patcher.add_object_patch(
+                f"clip_{self.token_key}.transformer.text_model.encoder.layers.{i}.forward", _out_of_place(layer))
         self.tokenizer = getattr(clip.tokenizer, "inner", clip.tokenizer)  # an applied CLIP's plain tokenizer
         self.trigger_ids = word_token_ids(clip, trigger)
         self.trigger = trigger
@@ -227,12 +227,13 @@ class TrainingClones:
     def marked_prompt(self, text: str) -> list:
         """The tokenized prompt, the trigger's tokens replaced by one TRIGGER_SLOT entry."""
         if text not in self._prompts:
-            tokens = self.tokenizer.tokenize_with_weights(text)["l"]
+            tokens = self.tokenizer.tokenize_with_weights(text)[self.token_key]
             self._prompts[text], _ = mark_triggers(tokens, {self.trigger_ids: TRIGGER_SLOT})
         return self._prompts[text]
 
     def with_token(self, text: str, token: torch.Tensor) -> list:
-        """The prompt's CLIP-L token list with `token` (an input embedding) in the trigger's slot."""
+        """The prompt's token list (of the CLIP's text encoder) with `token` (an input embedding) in the trigger's
+        slot."""
         return [[({"type": "embedding", "data": token} if e[0] is TRIGGER_SLOT else e[0], *e[1:]) for e in chunk]
                 for chunk in self.marked_prompt(text)]
 

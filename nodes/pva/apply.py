@@ -10,8 +10,9 @@ import torch
 from comfy_api.latest import io
 
 from ..checks import check_number
-from ..clip_tokens import TriggerTokenizer, model_fingerprint, token_embedding_table, word_token_ids
+from ..clip_tokens import TriggerTokenizer, model_fingerprint, word_token_ids
 from ..node_ui import schema
+from .checks import check_base_fits, check_clip_fits, check_pva_model
 from .patch import VisualIdentity, apply_visual_identity
 from .sockets import PVAIdentityType
 
@@ -42,7 +43,7 @@ class PVAApply(io.ComfyNode):
                         "the prompt, and the CLIP knows their learned word. Then use ComfyUI's InpaintModelConditioning "
                         "or VAE Encode (for Inpainting) with a mask over the face, and prompt 'photo of a sks person'.",
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.5 inpainting model the identity was fine-tuned on."),
+                io.Model.Input("model", tooltip="The SD1.5 or SD2 inpainting model the identity was fine-tuned on."),
                 io.Clip.Input("clip", tooltip="Its CLIP."),
                 PVAIdentityType.Input("pva_identity", tooltip="From PVA Load Identity."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=2.0, step=0.05,
@@ -66,10 +67,10 @@ class PVAApply(io.ComfyNode):
         if not 0.0 <= start_percent < end_percent <= 1.0:
             raise ValueError(f"start_percent {start_percent} must be below end_percent {end_percent} (both 0-1); "
                              "otherwise the visual tokens never act.")
-        width = token_embedding_table(clip).shape[1]
-        if pva_identity.word.shape[0] != width:
-            raise ValueError(f"This PVA identity is for a {pva_identity.word.shape[0]}-d text encoder; this CLIP's "
-                             f"words are {width}-d. Use the checkpoint it was fine-tuned on.")
+        source = f"The PVA identity {pva_identity.file}" if pva_identity.file else "The PVA identity"
+        base = check_pva_model(model, NODE)
+        check_clip_fits(clip, base, NODE)
+        check_base_fits(pva_identity.base, base, source, "Use an identity fine-tuned on this model")
         if pva_identity.base_model and pva_identity.base_model != model_fingerprint(clip):
             log.warning("%s: identity %r was fine-tuned on another model; its projections may not fit this one.", NODE,
                         pva_identity.trigger)
@@ -77,6 +78,5 @@ class PVAApply(io.ComfyNode):
         visual = VisualIdentity(pva_identity.visual_tokens, pva_identity.projections, strength,
                                 sampling.percent_to_sigma(start_percent), sampling.percent_to_sigma(end_percent),
                                 on_negative)
-        source = f"The PVA identity {pva_identity.file}" if pva_identity.file else "The PVA identity"
         return io.NodeOutput(apply_visual_identity(model, visual, source),
                              clip_with_word(clip, pva_identity.trigger, pva_identity.word))

@@ -22,7 +22,6 @@ import nodes as host_nodes
 from ...sefi_core.pva.dataset import open_dataset, read_photo
 from ...sefi_core.pva.metric import identity_similarity, metric_input, summarize
 from ...sefi_core.pva.train import PROMPT, FineTuneSettings
-from ..checks import check_sd1_clip
 from .apply import PVAApply
 from .checks import check_inpainting_model
 from .face_features import PVALoadFaceRecognizer
@@ -42,7 +41,7 @@ def arguments() -> argparse.ArgumentParser:
         prog="pva_command.py evaluate",
         description="Measure PVA's identity similarity on a dataset's test people, as the paper does.")
     add = parser.add_argument
-    add("--checkpoint", required=True, help="The SD1.5 inpainting checkpoint, by its name in models/checkpoints.")
+    add("--checkpoint", required=True, help="The SD1.5 or SD2 inpainting checkpoint, by its name in models/checkpoints.")
     add("--recognizer", required=True, help="The face recognizer PVA reads photos with (models/face_recognizers).")
     add("--encoder", required=True, help="The trained PVA encoder (models/pva_encoders).")
     add("--metric-recognizer", default="",
@@ -89,8 +88,7 @@ def person_identity(person, model, clip, vae, recognizer, encoder, args):
 def main(argv: list[str] | None = None) -> None:
     args = arguments().parse_args(argv)
     model, clip, vae = host_nodes.CheckpointLoaderSimple().load_checkpoint(args.checkpoint)
-    check_inpainting_model(model, NODE)
-    check_sd1_clip(clip, NODE)
+    check_inpainting_model(model, clip, NODE)
     recognizer = PVALoadFaceRecognizer.execute(recognizer_file=args.recognizer).result[0]
     scorer = PVALoadFaceRecognizer.execute(recognizer_file=args.metric_recognizer or args.recognizer).result[0]
     encoder = PVALoadEncoder.execute(encoder_file=args.encoder).result[0]

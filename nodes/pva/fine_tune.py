@@ -1,4 +1,4 @@
-"""PVA Fine-tune Identity: 1-5 photos of a person + an SD1.5 inpainting MODEL, a face recognizer and an identity
+"""PVA Fine-tune Identity: 1-5 photos of a person + an SD1.5 or SD2 inpainting MODEL, a face recognizer and an identity
 encoder -> a PVA identity in models/pva_identities (sefi_core/pva/train.py has the method; training.py the trainer on
 the host's models)."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ from ...sefi_core.pva.encoder import MAX_REFERENCES
 from ...sefi_core.pva.face import CROP_COLS, CROP_FROM, CROP_ROWS
 from ...sefi_core.pva.identity import PVAIdentity, as_stored, save_pva_identity
 from ...sefi_core.pva.train import FineTuneSettings
-from ..checks import check_choices, check_sd1_clip, first, single_values, validation_result
+from ..checks import check_choices, first, single_values, validation_result
 from ..clip_tokens import model_fingerprint
 from ..folders import PVA_IDENTITY_FOLDER
 from ..node_ui import TrainingProgress, loss_curve, schema
@@ -88,7 +88,7 @@ class PVAFineTuneIdentity(io.ComfyNode):
             is_output_node=True,
             is_input_list=True,  # photos of different sizes arrive as a list
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.5 inpainting model you will inpaint with."),
+                io.Model.Input("model", tooltip="The SD1.5 or SD2 inpainting model you will inpaint with."),
                 io.Clip.Input("clip", tooltip="Its CLIP."),
                 io.Vae.Input("vae", tooltip="Its VAE; encodes the photos."),
                 io.Image.Input("image", tooltip="1-5 photos of the person: aligned face crops (the face centred and "
@@ -113,7 +113,7 @@ class PVAFineTuneIdentity(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
                              tooltip="Seed for the timesteps and the noise."),
                 io.Int.Input("resolution", default=512, min=64, max=1024, step=64,
-                             tooltip="Training resolution in pixels; SD1.5 inpainting is made for 512."),
+                             tooltip="Training resolution in pixels; SD1.5 and SD2 inpainting are made for 512."),
                 io.Boolean.Input("overwrite", default=False,
                                  tooltip="Replace a PVA identity of the same name. Off: an existing name is an error."),
                 io.Mask.Input("face_mask", optional=True,
@@ -169,7 +169,8 @@ class PVAFineTuneIdentity(io.ComfyNode):
                                  lambda samples: tuner.fine_tune(settings, samples, on_step))
         identity = PVAIdentity(tokens, as_stored(result.projections), result.word, trigger, model_fingerprint(clip),
                                face_recognizer.name, pva_encoder.hash,
-                               {**settings.as_metadata(), "photos": len(photos), "face_mask": masked})
+                               {**settings.as_metadata(), "photos": len(photos), "face_mask": masked},
+                               base=pva_encoder.base)  # the model's (check_encoder_fits)
         return identity, result
 
     @classmethod
@@ -182,8 +183,7 @@ class PVAFineTuneIdentity(io.ComfyNode):
     def check_inputs(cls, photos, face_mask, model, clip, face_recognizer, pva_encoder, name, trigger, overwrite,
                      gradient_checkpointing):
         """Everything that can be known wrong before any work; (the path to write, the trigger, the face masks)."""
-        check_inpainting_model(model, NODE)
-        check_sd1_clip(clip, NODE)
+        check_inpainting_model(model, clip, NODE)
         path = cls.outputs.new_path(name, overwrite)
         trigger = validate_trigger(trigger, "person")
         if not 1 <= len(photos) <= MAX_REFERENCES:

@@ -1,6 +1,6 @@
 """PVA's parallel visual attention in ComfyUI's UNet, on a MODEL clone.
 
-Each transformer block's cross-attention (16 in SD1.x) gets an object patch on its `forward` (the module, its weights
+Each transformer block's cross-attention (16 in SD1.x and SD2) gets an object patch on its `forward` (the module, its weights
 and their names stay the host's, so loading, LoRAs and casting are untouched). The patched forward runs the host's own
 CrossAttention.forward wherever no visual tokens act: for batch rows that get none (the negative, unless asked), outside
 start/end, at strength 0. Where they act, it takes the layer's own Q, K, V (so SeFi's K/V injector and other attn2
@@ -30,7 +30,7 @@ CONDITIONAL, UNCONDITIONAL = 0, 1  # the host's cond_or_uncond entries
 
 
 def cross_attention_layers(model) -> dict[str, torch.nn.Module]:
-    """The attn2 of every transformer block, by name in diffusion_model (16 in SD1.x)."""
+    """The attn2 of every transformer block, by name in diffusion_model (16 in SD1.x and SD2)."""
     unet = model.get_model_object("diffusion_model")
     return {name: module for name, module in unet.named_modules()
             if name.endswith(".attn2") and isinstance(module, host_attention.CrossAttention)}
@@ -112,7 +112,7 @@ def check_projections_fit(projections: dict[str, VisualProjections], model, sour
     shapes of the layer's own to_q, to_k, to_v; `source` names what holds them ("The PVA identity anna.safetensors")."""
     layers = cross_attention_layers(model)
     missing, extra = sorted(set(layers) - set(projections)), sorted(set(projections) - set(layers))
-    advice = "Use it with the model family it was trained for (SD1.x inpainting)."
+    advice = "Use it with the model it was trained for (SD1.5 or SD2 inpainting)."
     if missing or extra or not layers:
         which = f" (none for {missing[0]})" if missing else f" ({extra[0]} is not in it)" if extra else ""
         raise ValueError(f"{source} has visual projections for {len(projections)} cross-attention layers, but this "

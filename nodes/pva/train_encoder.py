@@ -1,4 +1,4 @@
-"""PVA Train Encoder: a dataset folder of many people + an SD1.5 inpainting MODEL and a face recognizer -> a PVA identity
+"""PVA Train Encoder: a dataset folder of many people + an inpainting MODEL and a face recognizer -> a PVA identity
 encoder in models/pva_encoders (sefi_core/pva/train.py has the method, sefi_core/pva/dataset.py the folder layout).
 
 It trains on the same resident clones, with the same PVA patch and the same inpainting inputs as PVA Fine-tune Identity
@@ -26,6 +26,7 @@ from ...sefi_core.pva.distributed import World
 from ...sefi_core.pva.dataset import (ALIGNED_FACE_BOX, CAPTION_CHANCE, WHOLE_PHOTO, FaceDataset, MaskBank, Photo,
                                       box_mask, open_dataset, parse_box, read_caption, read_drawn_photo, read_mask,
                                       read_photo)
+from ...sefi_core.pva.bases import Base
 from ...sefi_core.pva.encoder import IdentityEncoder
 from ...sefi_core.pva.face import CROP_FROM, FEATURE_DIM
 from ...sefi_core.pva.model_files import PVAEncoder, save_encoder
@@ -33,7 +34,7 @@ from ...sefi_core.pva.identity import as_stored
 from ...sefi_core.pva.train import (EncoderSample, EncoderTrainables, EncoderTrainingSettings, StateMismatch,
                                     train_encoder, weights_mismatch)
 from ...sefi_core.train_state import TrainState, TrainStateError, load_train_state, save_train_state
-from ..checks import check_choices, check_sd1_clip, validation_result
+from ..checks import check_choices, validation_result
 from ..folders import FACE_RECOGNIZER_FOLDER, PVA_ENCODER_FOLDER, identity_save_dir, train_state_path
 from ..node_ui import TrainingProgress, loss_curve, schema, show_text_on_node
 from ..output_files import OutputFiles
@@ -129,9 +130,9 @@ class EncoderSaver:
     the projections and word trained beside it, then the training state, each whole or not at all."""
 
     def __init__(self, path: str, settings: EncoderTrainingSettings, record: dict, recognizer_name: str,
-                 source_name: str, outputs: OutputFiles):
+                 source_name: str, outputs: OutputFiles, base: Base):
         self.path, self.file, self.settings, self.record = path, os.path.basename(path), settings, record
-        self.recognizer_name, self.source_name, self.outputs = recognizer_name, source_name, outputs
+        self.recognizer_name, self.source_name, self.outputs, self.base = recognizer_name, source_name, outputs, base
 
     def __call__(self, trainables: EncoderTrainables, state: TrainState) -> None:
         projections, word = trainables.identity.frozen_copy()
@@ -140,7 +141,7 @@ class EncoderSaver:
                             {"pva.tuned_from": self.source_name},
                             os.path.join(identity_save_dir(FACE_RECOGNIZER_FOLDER), tuned_recognizer_file(self.file)))
         save_encoder(trainables.encoder, self.path, self.recognizer_name, {**self.record, "steps": state.steps_done},
-                     projections, word)
+                     projections, word, self.base)
         state.photos = self.record["dataset_digest"]
         save_train_state(state, state_file(self.file))
         self.outputs.wrote(self.path)
@@ -178,8 +179,7 @@ class EncoderTraining:
     def __init__(self, model, clip, vae, face_recognizer, path: str, requested: EncoderTrainingSettings, resume: bool,
                  dataset_folder: str, box, save_every: int, pva_encoder=None, checkpointing: str = "auto",
                  random_masks_folder: str = "", node_id=None, world: World = World()):
-        check_inpainting_model(model, NODE)
-        check_sd1_clip(clip, NODE)
+        self.base = check_inpainting_model(model, clip, NODE)
         self.settings, self.saved = run_settings(path, resume, requested)
         world.share(self.settings.samples_per_step)  # refused now, before anything is read, where it does not split
         check_sources(self.settings, self.saved, face_recognizer, pva_encoder, model)
@@ -208,7 +208,8 @@ class EncoderTraining:
 
     def __call__(self, on_step, outputs: OutputFiles):
         """Train; (the encoder as saved last, the run's result). on_step(step, losses) after every step."""
-        saver = EncoderSaver(self.path, self.settings, self.record, self.recognizer_name, self.source.name, outputs)
+        saver = EncoderSaver(self.path, self.settings, self.record, self.recognizer_name, self.source.name, outputs,
+                             self.base)
         run = EncoderRun(self, on_step, saver)
         trainables, result = train_on_clones(self.tuner, self.checkpointing, self.settings.resolution,
                                              lambda: self.reader(self.dataset), run)
@@ -217,7 +218,8 @@ class EncoderTraining:
                      result.losses[-1])
         projections, word = trainables.identity.frozen_copy()
         encoder = PVAEncoder(trainables.encoder.to("cpu").eval(), self.recognizer_name, as_stored(projections), word,
-                             {**self.record, "steps": self.settings.steps}, file=os.path.basename(self.path))
+                             {**self.record, "steps": self.settings.steps}, file=os.path.basename(self.path),
+                             base=self.base)
         return encoder, result
 
 
@@ -236,7 +238,7 @@ class PVATrainEncoder(io.ComfyNode):
                         "to models/pva_encoders as it goes; resumable. No pretrained encoder exists publicly.",
             is_output_node=True,
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.5 inpainting model the encoder will serve."),
+                io.Model.Input("model", tooltip="The SD1.5 or SD2 inpainting model the encoder will serve."),
                 io.Clip.Input("clip", tooltip="Its CLIP."),
                 io.Vae.Input("vae", tooltip="Its VAE; encodes the photos."),
                 FaceRecognizerType.Input("face_recognizer", tooltip="From PVA Load Face Recognizer (ArcFace r50 is "
@@ -276,7 +278,7 @@ class PVATrainEncoder(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
                              tooltip="Seed for the samples drawn, the timesteps, the noise and the encoder's start."),
                 io.Int.Input("resolution", default=512, min=64, max=1024, step=64,
-                             tooltip="Training resolution in pixels; SD1.5 inpainting is made for 512."),
+                             tooltip="Training resolution in pixels; SD1.5 and SD2 inpainting are made for 512."),
                 io.Combo.Input("face_region", options=list(FACE_REGIONS), default="aligned face box",
                                tooltip="What is masked out and inpainted where a photo has no mask file: the aligned "
                                        "face box (the recognizer's crop of an aligned face), the whole photo, or the "

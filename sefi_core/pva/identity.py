@@ -2,9 +2,10 @@
 
 After the per-identity fine-tune the encoder and recognizer are frozen, so the 10 visual tokens are computed once and
 stored; beside them the fine-tuned visual projections of every cross-attention layer (W'_q, W'_k, W'_v; ~31.6M numbers
-for SD1.5, ~63 MB in fp16) and the learned word of "photo of a S* person". Versioned metadata: the base model's
-fingerprint, the recognizer and encoder it came from, the trigger and the settings. Validated on load like SeFi
-identities (sefi_core/sefi/identity.py); never unpickled.
+for SD1.5, ~63 MB in fp16) and the learned word of "photo of a S* person". Versioned metadata: the base it is for
+(bases.py: SD1.5 or SD2 inpainting; none recorded: SD1.5), the base model's fingerprint, the recognizer and encoder it
+came from, the trigger and the settings. Validated on load like SeFi identities (sefi_core/sefi/identity.py); never
+unpickled.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from ..files import format_metadata, read_versioned, save_atomically
 from ..names import InvalidName, validate_trigger
 from .attention import VisualProjections
+from .bases import BASE_KEY, SD15_INPAINTING, Base, base_named
 
 FORMAT_NAME = "pva-identity"
 FORMAT_VERSION = 1
@@ -47,12 +49,16 @@ class PVAIdentity:
     encoder: str = ""  # hash of the identity encoder's weights
     settings: dict = field(default_factory=dict)
     file: str = field(default="", compare=False)  # the file it was loaded from, for messages
+    base: Base = SD15_INPAINTING  # the base model family it is for; its context width is the tokens' and the word's
 
     def __post_init__(self):
         width = self.visual_tokens.shape[-1] if self.visual_tokens.ndim == 2 else None
         if width is None or not 1 <= self.visual_tokens.shape[0] <= MAX_VISUAL_TOKENS:
             raise PVAIdentityError(f"PVA visual tokens have shape {tuple(self.visual_tokens.shape)}; expected "
                                    f"(tokens, context width) with 1-{MAX_VISUAL_TOKENS} tokens, e.g. (10, 768).")
+        if width != self.base.context_dim:
+            raise PVAIdentityError(f"A PVA identity for {self.base.describe()} needs {self.base.context_dim}-d visual "
+                                   f"tokens; these are {width}-d.")
         if self.word.shape != (width,):
             raise PVAIdentityError(f"The learned word has shape {tuple(self.word.shape)}; expected ({width},).")
         if not self.projections:
@@ -123,7 +129,8 @@ def save_pva_identity(identity: PVAIdentity, path: str, overwrite: bool = False)
                                "name, or switch 'overwrite' on to replace it.")
     tensors = {"pva.visual_tokens": identity.visual_tokens.float(), "pva.word": identity.word.float(),
                **projection_tensors(identity.projections)}
-    metadata = {**format_metadata(FORMAT_NAME, FORMAT_VERSION), "pva.trigger": identity.trigger,
+    metadata = {**format_metadata(FORMAT_NAME, FORMAT_VERSION), BASE_KEY: identity.base.name,
+                "pva.trigger": identity.trigger,
                 "pva.base_model": identity.base_model, "pva.recognizer": identity.recognizer, "pva.encoder": identity.encoder,
                 "pva.settings": json.dumps(identity.settings, sort_keys=True)}
     return save_atomically(tensors, metadata, path)
@@ -135,9 +142,11 @@ def load_pva_identity(path: str) -> PVAIdentity:
                                       "Copy the PVA identity file again, or fine-tune it again.",
                                       "Only files made by PVA Fine-tune Identity go in models/pva_identities.")
     try:
-        return PVAIdentity(tensors["pva.visual_tokens"].float(), projections_from(tensors), tensors["pva.word"].float(),
+        tokens = tensors["pva.visual_tokens"].float()
+        base = base_named(meta.get(BASE_KEY), tokens.shape[-1])
+        return PVAIdentity(tokens, projections_from(tensors), tensors["pva.word"].float(),
                            meta["pva.trigger"], meta.get("pva.base_model", ""), meta.get("pva.recognizer", ""),
-                           meta.get("pva.encoder", ""), json.loads(meta.get("pva.settings", "{}")), name)
+                           meta.get("pva.encoder", ""), json.loads(meta.get("pva.settings", "{}")), name, base)
     except PVAIdentityError as e:
         raise PVAIdentityError(f"{name}: {e}") from None
     except (KeyError, ValueError, TypeError) as e:

@@ -1,9 +1,11 @@
 """PVA's networks as files: the identity encoder (`.safetensors`, versioned metadata, validated on load like the
 identities) and a face recognizer's state dict (whichever iresnet it is, found from its blocks).
 
-An encoder trained by the pack (format 2) also carries what its training taught the UNet side: every cross-attention
-layer's visual projections and the learned word. Per-identity fine-tunes start from them (the paper's pipeline); an
-encoder without them (format 1) starts them from the layers' own projections and the trigger's embedding.
+An encoder records the base it serves (bases.py: SD1.5 or SD2 inpainting; none recorded: SD1.5), whose context width
+is its tokens'. An encoder trained by the pack (format 2) also carries what its training taught the UNet side: every
+cross-attention layer's visual projections and the learned word. Per-identity fine-tunes start from them (the paper's
+pipeline); an encoder without them (format 1) starts them from the layers' own projections and the trigger's
+embedding.
 
 Both are read without unpickling: the nodes read a recognizer's `.pth` through the host's weights-only loader."""
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from ..files import format_metadata, read_versioned, save_atomically
 from .encoder import VISUAL_TOKENS, IdentityEncoder
 from .attention import VisualProjections
+from .bases import BASE_KEY, SD15_INPAINTING, Base, base_named
 from .face import FEATURE_DIM, IResNet, depth_of
 from .identity import MAX_WORD_NORM, check_projections, check_size, projection_tensors, projections_from
 
@@ -58,19 +61,29 @@ class PVAEncoder:
     settings: dict = field(default_factory=dict)
     hash: str = ""  # of the network's weights: recorded in the identities it makes
     file: str = field(default="", compare=False)  # the file it was loaded from, for messages
+    base: Base = SD15_INPAINTING  # the base model family it serves
 
     def __post_init__(self):
         self.hash = self.hash or weights_hash(self.network)
+        check_base(self.base, self.network)
+
+
+def check_base(base: Base, encoder: IdentityEncoder) -> None:
+    if encoder.project.out_features != base.context_dim:
+        raise ValueError(f"An encoder for {base.describe()} makes {base.context_dim}-d visual tokens; this one makes "
+                         f"{encoder.project.out_features}-d ones.")
 
 
 def save_encoder(encoder: IdentityEncoder, path: str, recognizer: str, settings: dict | None = None,
-                 projections: dict[str, VisualProjections] | None = None, word: torch.Tensor | None = None) -> str:
+                 projections: dict[str, VisualProjections] | None = None, word: torch.Tensor | None = None,
+                 base: Base = SD15_INPAINTING) -> str:
     """Atomically; `recognizer` names the face features it reads (e.g. "iresnet r50"), settings how it was trained;
-    projections and word: what its training trained beside it."""
+    projections and word: what its training trained beside it; base: the model family it serves."""
+    check_base(base, encoder)
     shape = encoder_shape(encoder)
     # ArcFace-width encoders stay version 2, which older packs read; another width needs a pack that knows it
     version = 2 if shape["feature_dim"] == FEATURE_DIM else ENCODER_VERSION
-    metadata = {**format_metadata(ENCODER_FORMAT, version), "pva.recognizer": recognizer,
+    metadata = {**format_metadata(ENCODER_FORMAT, version), BASE_KEY: base.name, "pva.recognizer": recognizer,
                 **{f"pva.{k}": str(v) for k, v in shape.items()}, "pva.settings": json.dumps(settings or {}, sort_keys=True)}
     tensors = {f"encoder.{k}": v.float() for k, v in encoder.state_dict().items()}
     tensors.update(projection_tensors(projections or {}))
@@ -91,6 +104,7 @@ def load_encoder(path: str) -> PVAEncoder:
                                             if k.startswith("encoder.")}
     try:
         shape = encoder_shape_of(meta, weights)
+        base = base_named(meta.get(BASE_KEY), shape["context_dim"])
         encoder = IdentityEncoder(shape["context_dim"], shape["layers"], shape["heads"], tokens=shape["tokens"],
                                   feature_dim=shape["feature_dim"])
         encoder.load_state_dict(weights, strict=True)
@@ -107,7 +121,7 @@ def load_encoder(path: str) -> PVAEncoder:
                                 f"{str(e).splitlines()[0]}). {advice}") from None
     if not all(torch.isfinite(t).all() for t in tensors.values()):
         raise PVAModelFileError(f"{name} holds NaN or infinite weights. {advice}")
-    return PVAEncoder(encoder.eval(), meta.get("pva.recognizer", ""), projections, word, settings, file=name)
+    return PVAEncoder(encoder.eval(), meta.get("pva.recognizer", ""), projections, word, settings, file=name, base=base)
 
 
 def encoder_shape_of(meta: dict, weights: dict[str, torch.Tensor]) -> dict[str, int]:

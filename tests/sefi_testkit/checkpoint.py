@@ -1,7 +1,11 @@
-"""Small SD1-layout checkpoints with seeded random weights, detected by ComfyUI as SD15 (EPS).
+"""Small SD1-layout checkpoints with seeded random weights, detected by ComfyUI as SD15 (EPS), and an SD2-inpainting
+one, detected as SD20 inpainting (EPS, as the host reads every 9-channel SD2 UNet).
 
-Key names and shapes come from ComfyUI's own UNetModel, CLIP-L text model and TAESD, built on the
-`meta` device, so the files follow whatever the ComfyUI at COMFYUI_PATH expects.
+Key names and shapes come from ComfyUI's own UNetModel, CLIP text model (CLIP-L for SD1, OpenCLIP ViT-H for SD2) and
+TAESD, built on the `meta` device, so the files follow whatever the ComfyUI at COMFYUI_PATH expects. The SD2 text
+encoder is written in the OpenCLIP layout real SD2 checkpoints carry (`cond_stage_model.model.*`), which the host
+converts on load. The host builds each family's text encoder at full size whatever the file holds (12 layers of 768
+for SD1, 24 of 1024 for SD2), so those are written whole: an SD2 file is about 0.8 GB in fp16.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ log = logging.getLogger(__name__)
 
 UNET_PREFIX = "model.diffusion_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD2's text encoder, as Stability's checkpoints hold it
 VAE_PREFIX = "first_stage_model."
 
 
@@ -32,6 +37,15 @@ class UNetLayout:
     transformer_depth_middle: int
     transformer_depth_output: tuple[int, ...]  # popped from the end: last entry is output_blocks.0
     in_channels: int = 4  # 9 for an inpainting UNet: latent, mask, masked-image latent (the host detects SD1.5 inpainting)
+    family: str = "sd1"  # "sd2": 1024-d context, linear proj_in/out, 64-wide heads, OpenCLIP ViT-H text encoder
+
+
+# What the host's model detection matches for each family (its SD15 / SD20 configs), and its fixed head layout.
+FAMILY_CONFIG = {
+    "sd1": {"context_dim": 768, "use_linear_in_transformer": False, "num_heads": 8, "num_head_channels": -1},
+    "sd2": {"context_dim": 1024, "use_linear_in_transformer": True, "num_heads": -1, "num_head_channels": 64},
+}
+CLIP_CONFIG = {"sd1": "sd1_clip_config.json", "sd2": "text_encoders/sd2_clip_config.json"}  # under comfy/
 
 
 _SD1_DEPTH = (1, 1, 1, 1, 1, 1, 0, 0)
@@ -48,22 +62,24 @@ PRESETS = {
     "sd15_size": UNetLayout((1, 2, 4, 4), (2, 2, 2, 2), _SD1_DEPTH, 1, _SD1_DEPTH_OUTPUT),
     # The same as an inpainting UNet: PVA's benchmarks.
     "sd15_inpaint_size": UNetLayout((1, 2, 4, 4), (2, 2, 2, 2), _SD1_DEPTH, 1, _SD1_DEPTH_OUTPUT, in_channels=9),
+    # tiny_inpaint's blocks as SD2 inpainting (stabilityai/stable-diffusion-2-inpainting, PVA's authors' base): 1024-d
+    # context, 5 heads of 64, linear projections, the full OpenCLIP ViT-H text encoder. The smallest the host detects
+    # as SD20: one level of 320 channels (model_channels is matched) with a transformer in an input block (the context
+    # width is read there).
+    "tiny_sd2_inpaint": UNetLayout((1,), (1,), (1,), 1, (1, 1), in_channels=9, family="sd2"),
 }
 
 
 def unet_config(preset: str) -> dict:
-    """UNetModel kwargs as ComfyUI's SD15 config would build them for this preset."""
+    """UNetModel kwargs as ComfyUI's SD15 (or SD20) config would build them for this preset."""
     layout = PRESETS[preset]
     return {
         "image_size": 32,
         "in_channels": layout.in_channels,
         "out_channels": 4,
         "model_channels": 320,
-        "context_dim": 768,
-        "num_heads": 8,
-        "num_head_channels": -1,
+        **FAMILY_CONFIG[layout.family],
         "use_spatial_transformer": True,
-        "use_linear_in_transformer": False,
         "legacy": False,
         "adm_in_channels": None,
         "use_checkpoint": False,
@@ -129,10 +145,43 @@ def clip_vision(folder: str | Path, seed: int = 0):
 def meta_shapes(preset: str) -> dict[str, torch.Size]:
     """Checkpoint key -> shape for the UNet, CLIP text model and TAESD of `preset`."""
     _ensure_comfy()
+    family = PRESETS[preset].family
     shapes = {}
-    for prefix, module in ((UNET_PREFIX, _meta_unet(preset)), (CLIP_PREFIX, _meta_clip()), (VAE_PREFIX, _meta_taesd())):
+    for prefix, module in ((UNET_PREFIX, _meta_unet(preset)), (VAE_PREFIX, _meta_taesd())):
         shapes.update({prefix + name: t.shape for name, t in module.state_dict().items()})
+    clip = {name: t.shape for name, t in _meta_clip(family).state_dict().items()}
+    if family == "sd2":
+        shapes.update({OPEN_CLIP_PREFIX + name: shape for name, shape in open_clip_shapes(clip).items()})
+    else:
+        shapes.update({CLIP_PREFIX + name: shape for name, shape in clip.items()})
     return shapes
+
+
+# The host's text model (Hugging Face CLIP names) -> OpenCLIP's names, in which SD2 checkpoints hold it.
+_OPEN_CLIP_NAMES = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+                    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+                    "text_model.final_layer_norm.weight": "ln_final.weight",
+                    "text_model.final_layer_norm.bias": "ln_final.bias",
+                    "text_projection.weight": "text_projection"}
+_OPEN_CLIP_BLOCK = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                    "self_attn.out_proj": "attn.out_proj"}
+
+
+def open_clip_shapes(hf_shapes: dict[str, torch.Size]) -> dict[str, torch.Size]:
+    """The OpenCLIP layout of a text model given by its Hugging Face names and shapes: per block, q/k/v stacked into
+    one in_proj, the other parts renamed; the projection stored transposed (a square matrix for ViT-H)."""
+    out = {}
+    for name, shape in hf_shapes.items():
+        if name in _OPEN_CLIP_NAMES:
+            out[_OPEN_CLIP_NAMES[name]] = torch.Size(reversed(shape)) if name == "text_projection.weight" else shape
+            continue
+        block, rest = name.removeprefix("text_model.encoder.layers.").split(".", 1)
+        part, kind = rest.rsplit(".", 1)
+        if part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            out[f"transformer.resblocks.{block}.attn.in_proj_{kind}"] = torch.Size((3 * shape[0], *shape[1:]))
+        else:
+            out[f"transformer.resblocks.{block}.{_OPEN_CLIP_BLOCK[part]}.{kind}"] = shape
+    return out
 
 
 def _ensure_comfy() -> None:
@@ -152,16 +201,16 @@ def _meta_unet(preset: str) -> torch.nn.Module:
         return UNetModel(**unet_config(preset), device="meta", operations=comfy.ops.disable_weight_init)
 
 
-def _meta_clip() -> torch.nn.Module:
+def _meta_clip(family: str = "sd1") -> torch.nn.Module:
     import comfy.clip_model
     import comfy.ops
 
-    config_path = Path(comfy.clip_model.__file__).with_name("sd1_clip_config.json")
+    config_path = Path(comfy.clip_model.__file__).parent / CLIP_CONFIG[family]
     config = json.loads(config_path.read_text())
     with torch.device("meta"):
         model = comfy.clip_model.CLIPTextModel(config, torch.float32, "meta", comfy.ops.manual_cast)
-    # Real SD1.x checkpoints carry only text_model.*; the loader accepts a missing projection silently.
-    del model.text_projection
+    if family == "sd1":  # Real SD1.x checkpoints carry only text_model.*; the loader accepts a missing projection.
+        del model.text_projection
     return model
 
 

@@ -22,11 +22,13 @@ def train_node(host, **inputs):
 
 
 def embedding(clip, word: str) -> torch.Tensor:
-    """A word's CLIP-L input embedding, read straight from the host's token table."""
-    chunk = clip.tokenize(word)["l"][0]
+    """A word's input embedding in the CLIP's one text encoder (CLIP-L; SD2's OpenCLIP ViT-H), read straight from the
+    host's token table."""
+    key = clip.cond_stage_model.clip_name  # "l", "h"
+    chunk = clip.tokenize(word)[key][0]
     ids = [t for t, *_ in chunk[1:]]
-    ids = ids[: ids.index(chunk[-1][0])]
-    table = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight
+    ids = ids[: ids.index(getattr(clip.tokenizer, f"clip_{key}").end_token)]
+    table = getattr(clip.cond_stage_model, f"clip_{key}").transformer.get_input_embeddings().weight
     return table[torch.tensor(ids)].detach().float().mean(0)
 
 

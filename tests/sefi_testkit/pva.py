@@ -17,6 +17,9 @@ from safetensors.torch import save_file
 from .probe import embedding
 
 PHOTO_SIZE = 64
+# The bases PVA serves, as tiny checkpoints (sefi_testkit/checkpoint.py) and the random encoder made for each.
+CHECKPOINTS = {"sd15": "tiny_inpaint.safetensors", "sd2": "tiny_sd2_inpaint.safetensors"}
+ENCODERS = {"sd15": "random.safetensors", "sd2": "random_sd2.safetensors"}
 ENCODER_FAST = {"batch_size": 1, "accumulation": 1, "timesteps_per_sample": 2, "resolution": PHOTO_SIZE}
 
 
@@ -25,7 +28,8 @@ class CodeInAPickle:
 
 
 def write_pva_files(host):
-    """A random iresnet r18 (as InsightFace's .pth state dict and as .safetensors), a random encoder, two photos."""
+    """A random iresnet r18 (as InsightFace's .pth state dict and as .safetensors), a random encoder for each base
+    (ENCODERS), two photos; (recognizer, SD1.5 encoder)."""
     face, model_files = host.module("sefi_core.pva.face"), host.module("sefi_core.pva.model_files")
     encoder_module = host.module("sefi_core.pva.encoder")
     torch.manual_seed(0)
@@ -35,7 +39,10 @@ def write_pva_files(host):
     torch.save({"net": CodeInAPickle()}, host.face_recognizer_dir / "code.pth")
     torch.save({"conv1.weight": torch.zeros(1)}, host.face_recognizer_dir / "other.pth")
     encoder = encoder_module.IdentityEncoder(768, layers=1, heads=8)
-    model_files.save_encoder(encoder, str(host.pva_encoder_dir / "random.safetensors"), "iresnet r18")
+    model_files.save_encoder(encoder, str(host.pva_encoder_dir / ENCODERS["sd15"]), "iresnet r18")
+    model_files.save_encoder(encoder_module.IdentityEncoder(1024, layers=1, heads=8),
+                             str(host.pva_encoder_dir / ENCODERS["sd2"]), "iresnet r18",
+                             base=host.module("sefi_core.pva.bases").SD2_INPAINTING)
     source = Image.open(host.input_dir / "astronaut.png").convert("RGB")
     for k, box in enumerate([(100, 0, 400, 300), (120, 10, 380, 270)]):
         source.crop(box).resize((PHOTO_SIZE + 16 * k, PHOTO_SIZE + 16 * k)).save(host.input_dir / f"pva_photo{k}.png")
@@ -43,11 +50,11 @@ def write_pva_files(host):
 
 
 def fine_tune_graph(steps=2, ckpt="tiny_inpaint.safetensors", name="fine_tuned", photos=("pva_photo0.png",),
-                    recognizer="r18.pth"):
+                    recognizer="r18.pth", encoder="random.safetensors"):
     graph = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "2": {"class_type": "PVALoadFaceRecognizer", "inputs": {"recognizer_file": recognizer}},
-        "3": {"class_type": "PVALoadEncoder", "inputs": {"encoder_file": "random.safetensors"}},
+        "3": {"class_type": "PVALoadEncoder", "inputs": {"encoder_file": encoder}},
         "5": {"class_type": "PVAFineTuneIdentity", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "image": ["4", 0], "face_recognizer": ["2", 0],
             "pva_encoder": ["3", 0], "name": name, "trigger": "sks", "steps": steps, "timesteps_per_step": 2,
@@ -63,10 +70,10 @@ def fine_tune_graph(steps=2, ckpt="tiny_inpaint.safetensors", name="fine_tuned",
     return graph
 
 
-def recognizer_and_encoder(host):
+def recognizer_and_encoder(host, encoder_file="random.safetensors"):
     with torch.inference_mode():
         recognizer = host.node("PVALoadFaceRecognizer").execute(recognizer_file="r18.safetensors").result[0]
-        encoder = host.node("PVALoadEncoder").execute(encoder_file="random.safetensors").result[0]
+        encoder = host.node("PVALoadEncoder").execute(encoder_file=encoder_file).result[0]
     return recognizer, encoder
 
 
@@ -89,13 +96,14 @@ def write_dataset(host):
     return root
 
 
-def encoder_train_graph(name, steps=2, stage="1: encoder, visual attention, word", encoder=None, **extra):
+def encoder_train_graph(name, steps=2, stage="1: encoder, visual attention, word", encoder=None,
+                        ckpt="tiny_inpaint.safetensors", **extra):
     inputs = {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "face_recognizer": ["2", 0],
               "dataset_folder": "pva_dataset", "name": name, "stage": stage, "steps": steps, **ENCODER_FAST,
               "encoder_learning_rate": 1e-3, "projection_learning_rate": 1e-3, "word_learning_rate": 1e-3,
               "recognizer_learning_rate": 1e-3, "seed": 0, "face_region": "aligned face box",
               "custom_box": "0.125, 0.137, 0.859, 0.871", "save_every": 1, "resume": True, **extra}
-    graph = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_inpaint.safetensors"}},
+    graph = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
              "2": {"class_type": "PVALoadFaceRecognizer", "inputs": {"recognizer_file": "r18.safetensors"}},
              "5": {"class_type": "PVATrainEncoder", "inputs": inputs}}
     if encoder:
@@ -104,9 +112,10 @@ def encoder_train_graph(name, steps=2, stage="1: encoder, visual attention, word
     return graph
 
 
-def write_pva_identity(host, name="anna.safetensors", drop_layer=False, seed=0):
-    """A PVA identity for the tiny checkpoint's layers: random tokens, moved copies of the projections, a word."""
-    model, clip, _ = host.load_checkpoint("tiny.safetensors")
+def write_pva_identity(host, name="anna.safetensors", drop_layer=False, seed=0, ckpt="tiny.safetensors"):
+    """A PVA identity for a tiny checkpoint's layers and base (SD1.5 by default): random tokens, moved copies of the
+    projections, a word."""
+    model, clip, _ = host.load_checkpoint(ckpt)
     attention, files = host.module("sefi_core.pva.attention"), host.module("sefi_core.pva.identity")
     g = torch.Generator().manual_seed(seed)
     projections = {}
@@ -117,10 +126,17 @@ def write_pva_identity(host, name="anna.safetensors", drop_layer=False, seed=0):
         projections[layer_name] = copy
     if drop_layer:
         projections.pop(sorted(projections)[0])
-    word = embedding(clip, "person") + 0.01 * torch.randn(768, generator=g)
-    identity = files.PVAIdentity(torch.randn(10, 768, generator=g), projections, word, "sks")
+    width = context_width(model)
+    base = next(b for b in host.module("sefi_core.pva.bases").BASES.values() if b.context_dim == width)
+    word = embedding(clip, "person") + 0.01 * torch.randn(width, generator=g)
+    identity = files.PVAIdentity(torch.randn(10, width, generator=g), projections, word, "sks", base=base)
     files.save_pva_identity(identity, str(host.pva_identity_dir / name), overwrite=True)
     return identity
+
+
+def context_width(model) -> int:
+    """The width of the MODEL's text context: 768 (SD1.x), 1024 (SD2)."""
+    return model.model.model_config.unet_config["context_dim"]
 
 
 @contextlib.contextmanager

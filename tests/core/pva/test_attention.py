@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sefi_core.pva.attention import VisualProjections, joint_attention
 from sefi_testkit.pva import paper_formula

@@ -6,7 +6,6 @@ import collections
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -14,7 +13,7 @@ from PIL import Image
 from sefi_core.pva.celebahq_idi import REGIONS, CelebAHQIDI
 from sefi_core.pva.dataset import (ALIGNED_FACE_BOX, BoxMask, DatasetError, FaceDataset, box_mask, open_dataset,
                                    read_caption, read_drawn_photo, read_mask, read_photo)
-from sefi_testkit.celebahq_idi import NO_CAPTION, NO_LANDMARKS, RESOLUTION, write_celebahq_idi
+from sefi_testkit.celebahq_idi import NO_LANDMARKS, RESOLUTION, write_celebahq_idi
 
 
 @pytest.fixture

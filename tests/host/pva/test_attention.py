@@ -1,13 +1,14 @@
 """PVA's parallel visual attention in the real host's UNet (nodes/pva/patch.py): each patched layer is the paper's joint
-softmax, computed independently here, in every attention backend and dtype set-up the suite emulates; the original
-network, bit for bit, wherever no visual tokens act; beside SeFi's K/V injector; refusing what cannot share a layer."""
+softmax, computed independently here, in every attention backend and dtype set-up the suite emulates, on SD1.5 and on
+SD2 (1024-d context, 64-wide heads, attention precision fp32 as the host sets it for SD2); the original network, bit
+for bit, wherever no visual tokens act; beside SeFi's K/V injector; refusing what cannot share a layer."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from sefi_testkit import gpu_emulation as gpu
 from sefi_testkit import probe
-from sefi_testkit.pva import paper_formula, recorded_layers
+from sefi_testkit.pva import context_width, paper_formula, recorded_layers
 
 TOLERANCE = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}  # relative to the output's size
 
@@ -22,7 +23,7 @@ def visual_identity(host, model, seed=0, tokens=None, spread=0.5, **where):
         for w in copy.tensors():
             w += spread * w.std() * torch.randn(w.shape, generator=g)
         projections[name] = copy
-    tokens = torch.randn(10, 768, generator=g) if tokens is None else tokens
+    tokens = torch.randn(10, context_width(model), generator=g) if tokens is None else tokens
     return pva.VisualIdentity(tokens, projections, **where)
 
 
@@ -41,10 +42,11 @@ def relative_error(ours, reference) -> float:
     return float((ours.double() - reference).norm() / reference.norm())
 
 
+@pytest.mark.parametrize("ckpt", ["tiny", "tiny_sd2_inpaint"], ids=["sd15", "sd2"])
 @pytest.mark.parametrize("setup", gpu.ALL_SETUPS, ids=str)
-def test_every_patched_layer_is_the_papers_joint_softmax_in_each_dtype_setup(host, setup):
+def test_every_patched_layer_is_the_papers_joint_softmax_in_each_dtype_setup(host, setup, ckpt):
     with gpu.emulate(setup):
-        model, clip, _ = host.load_checkpoint("tiny.safetensors")
+        model, clip, _ = host.load_checkpoint(host.checkpoint(ckpt))
         identity = visual_identity(host, model, strength=0.7)
         patched = host.module("nodes.pva.patch").apply_visual_identity(model, identity)
         positive, negative = probe.encode(host, clip, "photo of a person"), probe.encode(host, clip, "blurry")

@@ -1,6 +1,6 @@
-"""PVA's loaders and PVA Fine-tune Identity through the real host, on a tiny SD1.5-inpainting checkpoint with random
-weights: the graph runs and its identity inpaints through ComfyUI's own nodes; what the fine-tune computes is what
-PVA Apply and the host's sampler compute; gradients reach only the visual projections and the word; the host's model
+"""PVA's loaders and PVA Fine-tune Identity through the real host, on tiny SD1.5- and SD2-inpainting checkpoints with
+random weights: the graph runs and its identity inpaints through ComfyUI's own nodes; what the fine-tune computes is
+what PVA Apply and the host's sampler compute, on either base; gradients reach only the visual projections and the word; the host's model
 is left as it was; files that are not plain weights, and models that do not fit, are refused by name.
 
 A random recognizer (iresnet r18) and a random one-layer encoder stand in for trained ones (sefi_testkit/pva.py)."""
@@ -8,14 +8,18 @@ import pytest
 import torch
 
 from sefi_testkit import probe
-from sefi_testkit.pva import PHOTO_SIZE, fine_tune_graph, photo, recognizer_and_encoder
+from sefi_testkit.pva import CHECKPOINTS, ENCODERS, PHOTO_SIZE, fine_tune_graph, photo, recognizer_and_encoder
+
+BASES = pytest.mark.parametrize("base", ["sd15", "sd2"])  # SD1.5 inpainting, and SD2's: the PVA authors' base
 
 ATOL = 1e-4  # eps values of size ~1; batch composition (2 timesteps vs CFG's 2 rows) moves CPU kernels by ~1e-6
 
 
-def test_fine_tune_then_apply_inpaints_through_comfyuis_own_nodes(host_clean, pva_files):
+@BASES
+def test_fine_tune_then_apply_inpaints_through_comfyuis_own_nodes(host_clean, pva_files, base):
     host = host_clean
-    graph = fine_tune_graph(photos=("pva_photo0.png", "pva_photo1.png"))
+    graph = fine_tune_graph(photos=("pva_photo0.png", "pva_photo1.png"), ckpt=CHECKPOINTS[base],
+                            encoder=ENCODERS[base])
     graph.update({
         "6": {"class_type": "PVAApply", "inputs": {"model": ["1", 0], "clip": ["1", 1], "pva_identity": ["5", 0],
                                                    "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0,
@@ -41,9 +45,11 @@ def test_fine_tune_then_apply_inpaints_through_comfyuis_own_nodes(host_clean, pv
     assert torch.equal(probe.saved_latent(host, loaded, "12"), probe.saved_latent(host, result, "12"))
     saved = host.module("sefi_core.pva.identity").load_pva_identity(str(host.pva_identity_dir /
                                                                                "fine_tuned.safetensors"))
-    model, clip, _ = host.load_checkpoint("tiny_inpaint.safetensors")
+    model, clip, _ = host.load_checkpoint(CHECKPOINTS[base])
     layers = host.module("nodes.pva.patch").cross_attention_layers(model)
-    assert set(saved.projections) == set(layers) and saved.visual_tokens.shape == (10, 768)
+    width = {"sd15": 768, "sd2": 1024}[base]
+    assert set(saved.projections) == set(layers) and saved.visual_tokens.shape == (10, width)
+    assert saved.base.name == f"{base}-inpainting" and saved.word.shape == (width,)
     assert saved.trigger == "sks" and saved.recognizer == "iresnet r18 (r18.pth)" and saved.settings["photos"] == 2
     assert saved.settings["steps"] == 2 and saved.base_model
     moved = [not torch.equal(saved.projections[n].to_k, layers[n].to_k.weight.float().half().float()) for n in layers]
@@ -52,15 +58,16 @@ def test_fine_tune_then_apply_inpaints_through_comfyuis_own_nodes(host_clean, pv
     assert len(host.progress) >= 2  # the progress bar moved with the steps
 
 
-def test_the_fine_tune_computes_what_apply_and_the_hosts_sampler_compute(host_clean, pva_files):
+@BASES
+def test_the_fine_tune_computes_what_apply_and_the_hosts_sampler_compute(host_clean, pva_files, base):
     """For a fine-tuned identity, the eps the fine-tune's denoise predicts (its word in "photo of a sks person", its
     inpainting channels, its patched UNet) equals the positive row's eps through PVA Apply's MODEL and CLIP,
     CLIPTextEncode, InpaintModelConditioning with the same face mask and one call of the host's sampler at the same
-    sigma and noise, at three noise levels."""
+    sigma and noise, at three noise levels; on SD2, with its CLIP's penultimate layer and 1024-d word, as on SD1.5."""
     host = host_clean
     fine_tune = host.module("nodes.pva.fine_tune")
-    recognizer, encoder = recognizer_and_encoder(host)
-    model, clip, vae = host.load_checkpoint("tiny_inpaint.safetensors")
+    recognizer, encoder = recognizer_and_encoder(host, ENCODERS[base])
+    model, clip, vae = host.load_checkpoint(CHECKPOINTS[base])
     pixels = photo(host)
     with torch.inference_mode():
         identity = fine_tune.PVAFineTuneIdentity.execute(

@@ -7,7 +7,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from sefi_testkit import probe
-from sefi_testkit.pva import recorded_layers, write_pva_identity
+from sefi_testkit.pva import context_width, recorded_layers, write_pva_identity
 
 
 def masked_face(host) -> str:
@@ -50,13 +50,17 @@ def test_a_pva_identity_inpaints_through_comfyuis_own_inpainting_nodes(host):
     assert torch.isfinite(on).all() and not torch.allclose(on, off)  # the visual tokens changed the face
 
 
-def test_the_learned_word_is_what_the_hosts_own_embedding_of_it_gives(host):
+@pytest.mark.parametrize("ckpt", ["tiny", "tiny_sd2_inpaint"], ids=["sd15", "sd2"])
+def test_the_learned_word_is_what_the_hosts_own_embedding_of_it_gives(host, ckpt):
     """The conditioning of "photo of a sks person", and the text context every cross-attention layer sees, are the
     host's own encoding of the word as a textual embedding (embedding:pva_word), bit for bit: the word goes into CLIP
-    as it is, as the fine-tune put it in the trigger's slot."""
-    identity = write_pva_identity(host)
-    save_file({"emb_params": identity.word.reshape(1, 768)}, str(host.embedding_dir / "pva_word.safetensors"))
-    model, clip, _ = host.load_checkpoint("tiny.safetensors")
+    as it is, as the fine-tune put it in the trigger's slot; on SD2 into OpenCLIP ViT-H's word table, then through its
+    penultimate layer as the host encodes SD2 prompts."""
+    ckpt = host.checkpoint(ckpt)
+    identity = write_pva_identity(host, ckpt=ckpt)
+    model, clip, _ = host.load_checkpoint(ckpt)
+    save_file({"emb_params": identity.word.reshape(1, context_width(model))},
+              str(host.embedding_dir / "pva_word.safetensors"))
     with torch.inference_mode():
         patched_model, patched_clip = host.node("PVAApply").execute(
             model=model, clip=clip, pva_identity=identity, strength=1.0, start_percent=0.0, end_percent=1.0,

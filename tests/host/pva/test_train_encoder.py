@@ -1,5 +1,5 @@
-"""PVA Train Encoder through the real host, on a tiny SD1.5-inpainting checkpoint with random weights and a small
-folder of people: it saves an encoder (with the visual attention and the word it trained) that PVA Fine-tune Identity
+"""PVA Train Encoder through the real host, on a tiny SD1.5-inpainting checkpoint with random weights (and SD2's, the
+PVA authors' base) and a small folder of people: it saves an encoder (with the visual attention and the word it trained) that PVA Fine-tune Identity
 starts from; a run resumed from its last save ends bit for bit where one long run ends; stage 2 tunes a copy of the
 face recognizer and saves it for fine-tunes; a cancel keeps the last save; the host's model and the loaded recognizer
 are left as they were; gradients in fp16/bf16 point where fp32's do; bad inputs are refused by name before any work."""
@@ -340,3 +340,27 @@ def test_the_authors_celebahq_idi_is_trained_on_as_downloaded(host_clean, pva_fi
     broken = host.run(train_graph("celebahq_idi_broken", steps=2, dataset_folder="pva_celebahq_idi"))
     assert not broken.success and "region_bbox.pth is missing" in broken.error["exception_message"]
     assert not host.progress and not (host.pva_encoder_dir / "celebahq_idi_broken.safetensors").exists()
+
+
+def test_on_sd2_inpainting_an_encoder_trains_and_records_its_base_and_a_fine_tune_starts_from_it(host_clean, dataset):
+    """The PVA authors' base: a new encoder makes 1024-d tokens, trains every layer's projections (which take 1024-d
+    tokens) and a 1024-d word in OpenCLIP ViT-H's table, and its file says SD2 inpainting; the identity fine-tuned
+    from it does too."""
+    host = host_clean
+    ckpt = host.checkpoint("tiny_sd2_inpaint")
+    result = host.run(train_graph("sd2", steps=1, ckpt=ckpt))
+    assert result.success, result.error
+    encoder = load(host, "sd2.safetensors")
+    model, clip, _ = host.load_checkpoint(ckpt)
+    layers = host.module("nodes.pva.patch").cross_attention_layers(model)
+    assert encoder.base.name == "sd2-inpainting" and encoder.network.project.out_features == 1024
+    assert set(encoder.projections) == set(layers) and encoder.word.shape == (1024,)
+    assert all(encoder.projections[n].to_k.shape == layers[n].to_k.weight.shape == (320, 1024) for n in layers)
+    assert not torch.allclose(encoder.word, probe.embedding(clip, "sks"))  # trained, from the trigger's ViT-H row
+    graph = fine_tune_graph(steps=1, name="sd2_from_trained", recognizer="r18.safetensors", ckpt=ckpt,
+                            encoder="sd2.safetensors")
+    result = host.run(graph)
+    assert result.success, result.error
+    identity = host.module("sefi_core.pva.identity").load_pva_identity(
+        str(host.pva_identity_dir / "sd2_from_trained.safetensors"))
+    assert identity.base == encoder.base and identity.encoder == encoder.hash
