@@ -118,3 +118,16 @@ def test_set_ups_that_cannot_train_are_refused_before_training(host, runs, datas
     assert same.returncode != 0 and "--validation-dataset is the training dataset" in same.output
     for name in ("uneven", "same"):
         assert not (host.pva_encoder_dir / f"{name}.safetensors").exists()
+
+
+def test_on_celebahq_idi_the_validation_is_its_val_split(host, runs, tmp_path):
+    from sefi_testkit.celebahq_idi import write_celebahq_idi
+    written = write_celebahq_idi(tmp_path / "celebahq", size=64)
+    config = distributed.model_paths_config(host, tmp_path)
+    args = [*RUN, "--dataset", str(written.root), "--name", "idi", "--steps", "1"]
+    run = distributed.launch(host, 1, args, config)
+    assert run.returncode == 0, run.output[-3000:]
+    rows = loss_log(host, "idi")
+    assert len(rows) == 1 and rows[0]["validation_loss"] not in ("", None)
+    load = host.module("sefi_core.pva.model_files").load_encoder
+    assert load(str(host.pva_encoder_dir / "idi.safetensors")).settings["people"] == len(written.identities["train"])
