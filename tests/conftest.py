@@ -56,9 +56,9 @@ def running_under_ci() -> bool:
 
 # The longest test files on 2 CPU cores, longest first. Under pytest-xdist (`-n 2 --dist loadfile`) they are handed
 # out first, so that the two workers end together instead of one running the longest file alone at the end.
-LONGEST_FILES = ("host/sefi/test_half_precision.py", "host/sefi/test_train_identity.py",
-                 "host/pva/test_train_encoder.py", "host/pva/test_fine_tune.py", "host/test_workflows.py",
-                 "host/sefi/test_training_matches_apply.py")
+LONGEST_FILES = ("host/pva/test_train_encoder_command.py", "host/sefi/test_half_precision.py",
+                 "host/sefi/test_train_identity.py", "host/pva/test_train_encoder.py", "host/pva/test_fine_tune.py",
+                 "host/test_workflows.py", "host/sefi/test_training_matches_apply.py")
 
 
 def pytest_collection_modifyitems(config, items):

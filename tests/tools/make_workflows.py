@@ -297,8 +297,8 @@ def sefi_vs_pva(Node, Note) -> list:
         Note(101, (900, 0), "The same photo, mask and seed, repainted twice through ComfyUI's own "
              "InpaintModelConditioning. Top: SeFi, ten learned tokens in the text's keys and values (prompt 'a photo "
              "of sks'). Bottom: PVA, the encoder's visual tokens in a parallel attention beside the text (prompt "
-             "'photo of a sks person'). Under each VAE Decode, PVA Identity Similarity scores the result against the "
-             "photo, as the PVA paper measures identity.", size=(860, NOTE_HEIGHT)),
+             "'photo of a sks person'). Under each result, PVA Identity Similarity scores it against the photo, as "
+             "the PVA paper measures identity.", size=(860, NOTE_HEIGHT)),
         Node(1, "CheckpointLoaderSimple", (0, ROW), INPAINT_CKPT, size=(300, 100)),
         Node(2, "LoadImage", (0, ROW + 150), {"image": "example.png"}, size=(300, 360), title="Photo (paint the face mask)"),
         Node(3, "SefiLoadIdentity", (350, rows[0]), {"identity_file": "my_identity.safetensors"}, size=(240, 80)),
@@ -326,10 +326,10 @@ def sefi_vs_pva(Node, Note) -> list:
                  size=(240, 262)),
             Node(i + 4, "VAEDecode", (1770, y), {}, {"samples": (i + 3, 0), "vae": (1, 2, [(320, top), (1750, top)])},
                  size=(150, 50)),
-            Node(i + 5, "SaveImage", (2020, y), {"filename_prefix": prefix}, {"images": (i + 4, 0)}, size=(210, 290),
+            Node(i + 5, "SaveImage", (1960, y), {"filename_prefix": prefix}, {"images": (i + 4, 0)}, size=(240, 180),
                  title="SeFi" if k == 0 else "PVA"),
-            Node(i + 6, "PVAIdentitySimilarity", (1770, y + 100), {}, {"image": (i + 4, 0), "reference": (2, 0),
-                                                                      "face_recognizer": (7, 0)}, size=(230, 130),
+            Node(i + 6, "PVAIdentitySimilarity", (1960, y + 215), {}, {"image": (i + 4, 0), "reference": (2, 0),
+                                                                      "face_recognizer": (7, 0)}, size=(240, 90),
                  title="SeFi's likeness" if k == 0 else "PVA's likeness"),
         ]
     return out

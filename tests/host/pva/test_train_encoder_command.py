@@ -131,3 +131,12 @@ def test_on_celebahq_idi_the_validation_is_its_val_split(host, runs, tmp_path):
     assert len(rows) == 1 and rows[0]["validation_loss"] not in ("", None)
     load = host.module("sefi_core.pva.model_files").load_encoder
     assert load(str(host.pva_encoder_dir / "idi.safetensors")).settings["people"] == len(written.identities["train"])
+
+
+def test_a_run_the_command_started_goes_on_in_the_node(host_clean, runs, one_process):
+    from sefi_testkit.pva import encoder_train_graph
+    host = host_clean
+    result = host.run(encoder_train_graph(one_process, steps=3))  # the same dataset folder, under the input folder
+    assert result.success, result.error
+    assert any(f"resuming {one_process}.safetensors at step 2 of 3" in text for _, text in host.server.progress_texts())
+    assert state(host, one_process).steps_done == 3
