@@ -41,7 +41,8 @@ def arguments() -> argparse.ArgumentParser:
         prog="pva_command.py evaluate",
         description="Measure PVA's identity similarity on a dataset's test people, as the paper does.")
     add = parser.add_argument
-    add("--checkpoint", required=True, help="The SD1.5 or SD2 inpainting checkpoint, by its name in models/checkpoints.")
+    add("--checkpoint", required=True,
+        help="The SD1.5 or SD2 inpainting checkpoint, by its name in models/checkpoints.")
     add("--recognizer", required=True, help="The face recognizer PVA reads photos with (models/face_recognizers).")
     add("--encoder", required=True, help="The trained PVA encoder (models/pva_encoders).")
     add("--metric-recognizer", default="",
@@ -64,11 +65,16 @@ def arguments() -> argparse.ArgumentParser:
     return parser
 
 
-def repaint(model, clip, vae, photo: torch.Tensor, mask: torch.Tensor, args) -> torch.Tensor:
+def prompts(clip) -> tuple:
+    """The paper's prompt and an empty negative, encoded once per person (their CLIP carries their word)."""
+    encode = host_nodes.CLIPTextEncode().encode
+    return encode(clip, PROMPT.format(TRIGGER))[0], encode(clip, "")[0]
+
+
+def repaint(model, conditioning: tuple, vae, photo: torch.Tensor, mask: torch.Tensor, args) -> torch.Tensor:
     """(3, S, S) photo in [0, 1] with its face region (S, S) repainted by the host's inpainting, as a workflow does:
     InpaintModelConditioning, then the KSampler, then VAE Decode."""
-    encode = host_nodes.CLIPTextEncode().encode
-    positive, negative = encode(clip, PROMPT.format(TRIGGER))[0], encode(clip, "")[0]
+    positive, negative = conditioning
     positive, negative, latent = host_nodes.InpaintModelConditioning().encode(
         positive, negative, photo.permute(1, 2, 0)[None], vae, mask[None])
     samples = host_nodes.common_ksampler(model, args.seed, args.steps, args.cfg, args.sampler, args.scheduler,
@@ -104,10 +110,11 @@ def main(argv: list[str] | None = None) -> None:
         identity = person_identity(person, model, clip, vae, recognizer, encoder, args)
         with torch.inference_mode():
             applied_model, applied_clip = PVAApply.execute(model, clip, identity, 1.0, 0.0, 1.0, True).result
+            conditioning = prompts(applied_clip)
             for photo in person.inferences:
                 picture = read_photo(photo.path, args.resolution)
                 for region, mask in dataset.region_masks(photo).items():
-                    repainted = repaint(applied_model, applied_clip, vae, picture, mask.read(args.resolution), args)
+                    repainted = repaint(applied_model, conditioning, vae, picture, mask.read(args.resolution), args)
                     score = float(identity_similarity(scorer.network, metric_input(repainted[None]),
                                                       metric_input(picture[None]))[0])
                     scores.setdefault(region, []).append(score)

@@ -43,7 +43,8 @@ def arguments() -> argparse.ArgumentParser:
         prog=COMMAND, description="Train PVA's identity encoder on many people, on every GPU torchrun starts. Files "
                                   "are read from and written to ComfyUI's models folders, as PVA Train Encoder does.")
     add = parser.add_argument
-    add("--checkpoint", required=True, help="The SD1.5 or SD2 inpainting checkpoint, by its name in models/checkpoints.")
+    add("--checkpoint", required=True,
+        help="The SD1.5 or SD2 inpainting checkpoint, by its name in models/checkpoints.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--recognizer", help="The ArcFace recognizer, by its name in models/face_recognizers "
                                              "(the paper's: ms1mv3_arcface_r50.pth).")

@@ -175,6 +175,15 @@ def redownload(part: str) -> str:
             "sits in the dataset folder.")
 
 
+def read_json(path: str, what: str, advice: str):
+    """A JSON file of the download; a damaged or cut-short one is refused naming it, then `advice`."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DatasetError(f"{what} {path} could not be read ({error}): it is damaged or cut short. {advice}") from None
+
+
 def read_split_annotation(root: str, split: str) -> dict:
     """The identity split file, its parts this split needs checked."""
     path = os.path.join(root, SPLIT_FILE)
@@ -185,12 +194,7 @@ def read_split_annotation(root: str, split: str) -> dict:
         raise DatasetError(f"The CelebAHQ-IDI annotation file {SPLIT_FILE} is missing in {root}{found}: it holds the "
                            f"identity split. {redownload(SPLIT_FILE)} (A folder of people is taken for CelebAHQ-IDI "
                            f"where it has a person folder named {ANNOTATION!r} or {IMAGES!r}: rename that one.)")
-    try:
-        with open(path, encoding="utf-8") as file:
-            annotation = json.load(file)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DatasetError(f"The CelebAHQ-IDI annotation file {path} could not be read ({error}): it is damaged or cut "
-                           f"short. {redownload(SPLIT_FILE)}") from None
+    annotation = read_json(path, "The CelebAHQ-IDI annotation file", redownload(SPLIT_FILE))
     for key in (f"{split}_ids", "id2image"):
         if not isinstance(annotation, dict) or key not in annotation:
             raise DatasetError(f"The annotation file {path} has no {key!r}: it is not CelebAHQ-IDI's identity split. "
@@ -246,12 +250,8 @@ def read_captions(root: str) -> dict[int, str] | None:
     path = os.path.join(root, CAPTIONS_FILE)
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as file:
-            entries = json.load(file)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DatasetError(f"The captions file {path} could not be read ({error}): it is damaged or cut short. "
-                           f"{redownload(CAPTIONS_FILE)} Or delete it to train without captions.") from None
+    entries = read_json(path, "The captions file",
+                        f"{redownload(CAPTIONS_FILE)} Or delete it to train without captions.")
     if not isinstance(entries, dict):
         raise DatasetError(f"The captions file {path} is not CelebA-Dialog's ({{'<index>.jpg': {{'overall_caption': "
                            f"...}}}}). {redownload(CAPTIONS_FILE)} Or delete it to train without captions.")
