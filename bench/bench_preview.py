@@ -74,11 +74,11 @@ def main():
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{device}, {args.preset} at {args.resolution} px, UNet in {trainer.dtype}:")
     print(f"  training step {step_s:.2f} s, one preview ({preview_module.PREVIEW_STEPS} steps at "
-          f"{min(args.resolution, preview_module.PREVIEW_SIZE)} px, cfg) {preview_s:.2f} s = {preview_s / step_s:.2f} steps")
+          f"{min(args.resolution, preview_module.PREVIEW_SIZE['sd1'])} px, cfg) {preview_s:.2f} s = {preview_s / step_s:.2f} steps")
     print(f"  {previews} previews in {args.steps} steps: {100 * share:.1f}% of the run (goal <= 5%)")
     results.save("bench_preview", vars(args), {"step_s": step_s, "preview_s": preview_s, "share": share}, [
         (f"Train Identity's previews at the defaults ({previews} in {args.steps} steps; one preview = "
-         f"{preview_module.PREVIEW_STEPS} steps at {min(args.resolution, preview_module.PREVIEW_SIZE)} px with cfg), "
+         f"{preview_module.PREVIEW_STEPS} steps at {min(args.resolution, preview_module.PREVIEW_SIZE['sd1'])} px with cfg), "
          f"UNet in {str(trainer.dtype).removeprefix('torch.')}, {args.resolution} px",
          f"one preview = {preview_s / step_s:.1f} training steps ({preview_s:.1f} s vs {step_s:.1f} s); "
          f"{100 * share:.1f}% of the run (goal <= 5%)")])

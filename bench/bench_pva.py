@@ -106,7 +106,7 @@ def measure_fine_tune(args, host) -> None:
     with training.training_session(tuner):
         samples = tuner.samples(squares, vae)
         sample = samples[0]
-        context = tuner.clip.encode_from_tokens({"l": tuner.with_token(tuner.prompt, tuner.initial_word)}).detach()
+        context = tuner.clip.encode_from_tokens(tuner.with_token(tuner.prompt, tuner.initial_word)).detach()
         sampling = model.get_model_object("model_sampling")
         layers = pva.cross_attention_layers(tuner.model).values()
         patched_forwards = [layer.forward for layer in layers]
@@ -164,7 +164,7 @@ def measure_encoder_training(args, host, timesteps: int = 4, references: int = 3
         photos = torch.nn.functional.interpolate(squares[0][0][None], (256, 256)).expand(references, -1, -1, -1)
         drawn = pva_train.EncoderSample(sample, photos.to(tuner.device).contiguous())
         trainables = pva_train.EncoderTrainables(encoder, recognizer, tuner.identity, 1)
-        context = tuner.clip.encode_from_tokens({"l": tuner.with_token(tuner.prompt, tuner.initial_word)}).detach()
+        context = tuner.clip.encode_from_tokens(tuner.with_token(tuner.prompt, tuner.initial_word)).detach()
         sampling = model.get_model_object("model_sampling")
         layers = pva.cross_attention_layers(tuner.model).values()
         patched_forwards = [layer.forward for layer in layers]

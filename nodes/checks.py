@@ -1,13 +1,9 @@
-"""What the nodes check of what is connected to them (the SD1.x family, combo values, one value per input), and how a
+"""What the nodes check of what is connected to them (combo values, numbers, one value per input), and how a
 node's validator reports a check. Every message names the node that speaks (`node`: its display name)."""
 from __future__ import annotations
 
 import math
 from typing import Sequence
-
-from .clip_tokens import token_embedding_table
-
-SD1_CHECKPOINTS = "Load an SD1.x checkpoint (SD 1.4/1.5, their fine-tunes or the SD1.5 inpainting model)."
 
 
 def validation_result(check, *args, **kwargs):
@@ -53,22 +49,3 @@ def single_values(inputs: dict, node: str, lists: str) -> dict:
                              f"run from one set of settings. Connect a single value to '{name}'; only {lists} take "
                              "lists (several photos of one subject).")
     return {name: values[0] for name, values in inputs.items()}
-
-
-def check_sd1_model(model, node: str, advice: str = SD1_CHECKPOINTS) -> None:
-    config = model.model.model_config
-    context_dim = config.unet_config.get("context_dim")
-    family = type(config).__name__
-    if context_dim != 768 or "SD15" not in {c.__name__ for c in type(config).__mro__}:
-        raise ValueError(f"{node} needs an SD1.x model (768-d CLIP-L text context). This model is {family} with a "
-                         f"{context_dim}-d text context. {advice}")
-
-
-def check_sd1_clip(clip, node: str) -> None:
-    encoder = clip.cond_stage_model
-    if getattr(encoder, "clip_name", None) != "l" or not hasattr(encoder, "clip_l"):
-        raise ValueError(f"{node} needs the SD1.x text encoder (CLIP-L). This CLIP is {type(encoder).__name__}; use "
-                         "the CLIP output of an SD1.x Load Checkpoint.")
-    width = token_embedding_table(clip).shape[1]
-    if width != 768:
-        raise ValueError(f"{node} needs 768-d CLIP-L word embeddings; this CLIP's are {width}-d.")

@@ -31,7 +31,7 @@ import comfy.model_management
 from comfy_api.latest import io
 
 from ..sefi_core.tokens import mark_triggers
-from .clip_tokens import text_encoder, token_key, word_token_ids
+from .clip_tokens import split_by_encoder, text_encoder, token_keys, token_widths, word_token_ids
 
 log = logging.getLogger(__name__)
 TRIGGER_SLOT = object()  # marks the trigger's slot in a training prompt, filled with the embedding being trained
@@ -199,10 +199,12 @@ class TrainingClones:
         self.model = patch_model(self.model)
         _wrap_weights(self.model, self.model.model)
         _wrap_weights(self.clip.patcher, self.clip.cond_stage_model)
-        self.token_key = token_key(clip)  # "l" (CLIP-L), "h" (SD2's OpenCLIP ViT-H, PVA's)
-        for i, layer in enumerate(text_encoder(self.clip).transformer.text_model.encoder.layers):
-            self.clip.patcher.add_object_patch(
-                f"clip_{self.token_key}.transformer.text_model.encoder.layers.{i}.forward", _out_of_place(layer))
+        # ("l",) CLIP-L, ("h",) SD2's OpenCLIP ViT-H (PVA's), ("l", "g") SDXL's CLIP-L and bigG (SeFi's)
+        self.token_keys, self.token_widths = token_keys(clip), token_widths(clip)
+        for key in self.token_keys:
+            for i, layer in enumerate(text_encoder(self.clip, key).transformer.text_model.encoder.layers):
+                self.clip.patcher.add_object_patch(
+                    f"clip_{key}.transformer.text_model.encoder.layers.{i}.forward", _out_of_place(layer))
         self.tokenizer = getattr(clip.tokenizer, "inner", clip.tokenizer)  # an applied CLIP's plain tokenizer
         self.trigger_ids = word_token_ids(clip, trigger)
         self.trigger = trigger
@@ -224,18 +226,20 @@ class TrainingClones:
                 loaded.pop(i).model_unload()
         comfy.model_management.soft_empty_cache()
 
-    def marked_prompt(self, text: str) -> list:
-        """The tokenized prompt, the trigger's tokens replaced by one TRIGGER_SLOT entry."""
+    def marked_prompt(self, text: str) -> dict[str, list]:
+        """The tokenized prompt (token key -> chunks), the trigger's tokens replaced by one TRIGGER_SLOT entry."""
         if text not in self._prompts:
-            tokens = self.tokenizer.tokenize_with_weights(text)[self.token_key]
-            self._prompts[text], _ = mark_triggers(tokens, {self.trigger_ids: TRIGGER_SLOT})
+            tokens = self.tokenizer.tokenize_with_weights(text)
+            self._prompts[text] = {key: mark_triggers(tokens[key], {self.trigger_ids: TRIGGER_SLOT})[0]
+                                   for key in self.token_keys}
         return self._prompts[text]
 
-    def with_token(self, text: str, token: torch.Tensor) -> list:
-        """The prompt's token list (of the CLIP's text encoder) with `token` (an input embedding) in the trigger's
-        slot."""
-        return [[({"type": "embedding", "data": token} if e[0] is TRIGGER_SLOT else e[0], *e[1:]) for e in chunk]
-                for chunk in self.marked_prompt(text)]
+    def with_token(self, text: str, token: torch.Tensor) -> dict[str, list]:
+        """The prompt's tokens with `token` (an input embedding; SDXL's: both encoders' side by side) in the trigger's
+        slot, each text encoder's part in its own tokens: what `encode_from_tokens` takes."""
+        parts = split_by_encoder(self.token_keys, self.token_widths, token)
+        return {key: [[({"type": "embedding", "data": parts[key]} if e[0] is TRIGGER_SLOT else e[0], *e[1:])
+                       for e in chunk] for chunk in chunks] for key, chunks in self.marked_prompt(text).items()}
 
 
 @contextlib.contextmanager

@@ -78,8 +78,7 @@ class PVAFineTuner(TrainingClones):
         if tokens is not None:
             self.visual.tokens = tokens
         text = prompt or self.prompt
-        tokens = {self.token_key: self.with_token(text, word)}  # the CLIP's text encoder: CLIP-L, or SD2's ViT-H
-        context = self.clip.encode_from_tokens(tokens).to(self.device, self.dtype)
+        context = self.clip.encode_from_tokens(self.with_token(text, word)).to(self.device, self.dtype)
         sigma = self.sampling.sigma(timesteps.to(self.device).float())
         x = self.sampling.noise_scaling(sigma, noise, latents)
         options = {"cond_or_uncond": [CONDITIONAL],

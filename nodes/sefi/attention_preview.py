@@ -10,9 +10,10 @@ import comfy.samplers
 from comfy_api.latest import io, ui
 
 from ...sefi_core.sefi.attention_maps import head_mean_probs, prompt_words, render_grid, word_maps, word_positions
-from ..checks import check_choices, check_sd1_clip, check_sd1_model, validation_result
+from ..checks import check_choices, validation_result
 from ..clip_tokens import word_token_ids
 from ..node_ui import schema
+from .family import sefi_family
 from .patches import slot_of
 
 NODE = "SeFi Attention Map Preview"
@@ -68,7 +69,7 @@ class SefiAttentionMapPreview(io.ComfyNode):
                         "scale. Run it on the model with and without SeFi Apply Stage Tokens to see what an identity "
                         "changes: a good identity attends to the face and leaves other words their own regions.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x model, patched by SeFi Apply Stage Tokens or not."),
+                io.Model.Input("model", tooltip="An SD1.x or SDXL model, patched by SeFi Apply Stage Tokens or not."),
                 io.Clip.Input("clip", tooltip="The CLIP that goes with the model (the SeFi one to see the trigger)."),
                 io.String.Input("prompt", default="a photo of sks enjoying a cup of latte",
                                 tooltip="The prompt whose words you want to see."),
@@ -98,8 +99,7 @@ class SefiAttentionMapPreview(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, prompt, words, at_percent, layers, seed, image=None, vae=None, latent=None) -> io.NodeOutput:
-        check_sd1_model(model, NODE)
-        check_sd1_clip(clip, NODE)
+        sefi_family(model, clip, NODE)
         check_choices({"layers": LAYER_CHOICES}, layers=layers)
         samples, picture = cls.inputs_to_latent(image, vae, latent)
         tokens = clip.tokenize(prompt)
@@ -131,7 +131,7 @@ class SefiAttentionMapPreview(io.ComfyNode):
     @staticmethod
     def locate(clip, tokens, word):
         trigger = lambda t: (slot_of(t) is not None and slot_of(t).trigger.lower() == word.lower())
-        return word_positions(tokens["l"], word, word_token_ids(clip, word), trigger)
+        return word_positions(tokens["l"], word, word_token_ids(clip, word), trigger)  # SDXL's "g": same positions
 
     @staticmethod
     def record_maps(model, positive, samples, at_percent, layer_factor, seed):

@@ -48,42 +48,74 @@ def slot_of(token) -> IdentitySlot | None:
 
 class SefiEncode:
     """Object patch for `encode_token_weights`. Prompts without markers go straight to the original,
-    so it is harmless if the host leaves it on the shared encoder after the clone is unloaded."""
+    so it is harmless if the host leaves it on the shared encoder after the clone is unloaded.
 
-    def __init__(self, original):
-        self.original = original
+    SDXL's encoder takes two token lists, CLIP-L's ("l") and bigG's ("g"), and concatenates their outputs per token:
+    both are batched the same way, so that the K and V contexts hold each encoder's part of the identity. An encoder
+    whose prompt has no trigger (CLIPTextEncodeSDXL lets each have its own) encodes its prompt unchanged in every
+    variant. The pooled output is the base prompt's (the host pools the first chunk): see `plain_pooled`."""
+
+    def __init__(self, original, keys: tuple[str, ...]):
+        self.original, self.keys = original, keys
 
     def __call__(self, token_weight_pairs):
-        chunks = token_weight_pairs.get("l")
-        plan = plan_variants(chunks, slot_of) if chunks else None
-        if plan is None:
+        present = [key for key in self.keys if key in token_weight_pairs]
+        plans = {key: plan_variants(token_weight_pairs[key], slot_of) for key in present}
+        planned = [plan for plan in plans.values() if plan is not None]
+        if not planned:
             return self.original(token_weight_pairs)
-        segments = len(plan.segments.stages)
-        batch = plan.base + [c for g in range(segments) for c in plan.keys[g] + plan.values[g]]
-        out = self.original({**token_weight_pairs, "l": batch})
+        segments = _shared_segments(plans, token_weight_pairs)
+        chunk_count = min(len(token_weight_pairs[key]) for key in present)  # SDXL's encoder cuts to the shorter
+        batch = {}
+        for key in present:
+            plan = plans[key]
+            if plan is None:
+                parts = [token_weight_pairs[key]] * (1 + 2 * len(segments.stages))
+            else:
+                parts = [plan.base] + [c for g in range(len(segments.stages)) for c in (plan.keys[g], plan.values[g])]
+            batch[key] = [chunk for part in parts for chunk in part[:chunk_count]]
+        out = self.original({**token_weight_pairs, **batch})
         cond, pooled = out[:2]  # cond (1, (1 + 2G) * L, C): base, then per segment its K and V prompts
-        length = cond.shape[1] // (1 + 2 * segments)
-        variants = cond[:, length:].reshape(1, segments, 2, length, cond.shape[2]).permute(1, 2, 0, 3, 4)  # (G, 2, 1, L, C)
+        count = len(segments.stages)
+        length = cond.shape[1] // (1 + 2 * count)
+        variants = cond[:, length:].reshape(1, count, 2, length, cond.shape[2]).permute(1, 2, 0, 3, 4)  # (G, 2, 1, L, C)
         extra = {k: (v[:, :length] if torch.is_tensor(v) and v.ndim >= 2 and v.shape[1] == cond.shape[1] else v)
                  for k, v in (out[2] if len(out) > 2 else {}).items()}
-        triggers = [slot.trigger for slot in identity_slots(chunks, slot_of)]
-        cuts = plan.segments.cuts
+        triggers = list(dict.fromkeys(slot.trigger for key in present for slot in
+                                      identity_slots(token_weight_pairs[key], slot_of)))
         if pooled is not None:
-            pooled = IdentityContext.pooled_output(pooled, cuts, triggers)
-        return IdentityContext(cond[:, :length], variants, cuts, triggers), pooled, *([extra] if extra else [])
+            pooled = IdentityContext.pooled_output(pooled, segments.cuts, triggers)
+        return (IdentityContext(cond[:, :length], variants, segments.cuts, triggers), pooled,
+                *([extra] if extra else []))
 
 
-def patch_clip(clip, ids: tuple[int, ...], slot: IdentitySlot):
-    """A clone of `clip` that encodes `slot`'s trigger; `clip` itself is not changed."""
+def _shared_segments(plans: dict, token_weight_pairs: dict):
+    """The segments every encoder's prompt is split into: one plan for all, as SDXL's two prompts must name the same
+    identities wherever both name one."""
+    planned = {key: plan for key, plan in plans.items() if plan is not None}
+    triggers = {key: [s.trigger for s in identity_slots(token_weight_pairs[key], slot_of)] for key in planned}
+    first_key = next(iter(planned))
+    for key, plan in planned.items():
+        if triggers[key] != triggers[first_key] or plan.segments != planned[first_key].segments:
+            raise ValueError(f"SeFi: the CLIP-L prompt (text_l) and the bigG prompt (text_g) name different identities "
+                             f"({', '.join(triggers['l'])} against {', '.join(triggers['g'])}). Write the same trigger "
+                             "words in both, or a trigger in one of them only.")
+    return planned[first_key].segments
+
+
+def patch_clip(clip, ids: tuple[int, ...], slots: dict[str, IdentitySlot]):
+    """A clone of `clip` that encodes the trigger (token ids `ids`) as the identity: `slots` holds, per text encoder's
+    token key, the identity's part that encoder reads. `clip` itself is not changed."""
     patched = clip.clone()
-    marker = {"type": "embedding", "data": slot.class_embedding, MARKER_KEY: slot}
+    markers = {key: {"type": "embedding", "data": slot.class_embedding, MARKER_KEY: slot} for key, slot in slots.items()}
+    trigger = next(iter(slots.values())).trigger
     patched.tokenizer = TriggerTokenizer.with_trigger(
-        clip.tokenizer, ids, marker, slot.trigger,
+        clip.tokenizer, ids, markers, trigger,
         "Give the second SeFi Apply Stage Tokens node another trigger word (e.g. 'zwx') and use it in the prompt.")
     if not isinstance(patched.patcher.get_model_object("encode_token_weights"), SefiEncode):
         original = type(patched.cond_stage_model).encode_token_weights.__get__(patched.cond_stage_model)
         existing = patched.patcher.object_patches.get("encode_token_weights", original)
-        patched.patcher.add_object_patch("encode_token_weights", SefiEncode(existing))
+        patched.patcher.add_object_patch("encode_token_weights", SefiEncode(existing, tuple(slots)))
     return patched
 
 

@@ -12,7 +12,8 @@ import comfy.sample
 from ...sefi_core.sefi.identity import Identity
 from .apply_stage_tokens import apply_identity
 
-PREVIEW_SIZE = 256  # pixels (at most the training resolution); 4 previews: 1.6% of a 1000-step run (bench_preview.py)
+PREVIEW_SIZE = {"sd1": 256, "sdxl": 512}  # pixels (at most the training resolution): half each family's own; SD1.x's
+# 4 previews cost 1.6% of a 1000-step run (bench_preview.py). SDXL draws no face at 256 px.
 PREVIEW_STEPS = 16  # Euler steps: enough to see a face take shape
 PREVIEW_CFG = 6.0
 PREVIEW_NEGATIVE = "blurry, low quality, deformed"
@@ -23,14 +24,16 @@ class TrainingPreview:
     """Samples on the trainer's own resident clones, then makes them the loaded ones again (the preview's patched clones
     of the same weights took their place in the host's model management)."""
 
-    def __init__(self, trainer, vae, prompt: str, trigger: str, class_word: str, resolution: int, seed: int):
+    def __init__(self, trainer, vae, prompt: str, trigger: str, class_word: str, resolution: int, seed: int,
+                 family: str = "sd1"):
         self.trainer, self.vae, self.prompt, self.trigger, self.class_word = trainer, vae, prompt, trigger, class_word
-        self.size, self.seed = min(resolution, PREVIEW_SIZE), seed
+        self.size, self.seed, self.family = min(resolution, PREVIEW_SIZE[family]), seed, family
         self.images: list[np.ndarray] = []
         self.steps: list[int] = []
 
     def __call__(self, step: int, k_tokens: torch.Tensor, v_tokens: torch.Tensor) -> np.ndarray:
-        identity = Identity(k_tokens.float().cpu(), v_tokens.float().cpu(), self.trigger, self.class_word)
+        identity = Identity(k_tokens.float().cpu(), v_tokens.float().cpu(), self.trigger, self.class_word,
+                            family=self.family)
         model, clip = apply_identity(self.trainer.model, self.trainer.clip, identity, self.trigger)
         with torch.no_grad():
             positive = clip.encode_from_tokens_scheduled(clip.tokenize(self.prompt))

@@ -1,5 +1,5 @@
-"""SeFi Train Identity: one photo (or several) + the loaded SD1.x model -> an identity, saved to models/sefi_identities;
-or a saved identity trained further (continue_from)."""
+"""SeFi Train Identity: one photo (or several) + the loaded SD1.x or SDXL model -> an identity, saved to
+models/sefi_identities; or a saved identity trained further (continue_from)."""
 from __future__ import annotations
 
 import logging
@@ -14,18 +14,19 @@ from comfy_api.latest import io, ui
 from ...sefi_core.names import validate_class_word, validate_trigger
 from ...sefi_core.plot import preview_strip
 from ...sefi_core.sefi.augment import EMPTY_SUBJECT_MASK
-from ...sefi_core.sefi.identity import Identity, load_identity, save_identity
+from ...sefi_core.sefi.identity import FAMILY_NAMES, Identity, load_identity, save_identity
 from ...sefi_core.sefi.losses import ATTENTION_OPTIONS
 from ...sefi_core.sefi.train import TrainSettings
 from ...sefi_core.train_state import (TrainState, TrainStateError, load_train_state, photos_digest, save_train_state,
                                       tokens_digest)
-from ..checks import check_choices, check_sd1_clip, check_sd1_model, first, single_values, validation_result
+from ..checks import check_choices, first, single_values, validation_result
 from ..clip_tokens import model_fingerprint
 from ..folders import IDENTITY_FOLDER, file_fingerprint, identity_files, train_state_path
 from ..node_ui import TrainingProgress, loss_curve, schema, show_text_on_node
 from ..output_files import OutputFiles
 from ..photos import check_photo, masks_for_photos, photos_of
 from ..training import CHECKPOINTING_MODES, checkpointing_input
+from .family import check_identity_fits, sefi_family
 from .load_identity import SefiLoadIdentity
 from .patches import SefiIdentity
 from .preview import DEFAULT_PREVIEW_PROMPT, TrainingPreview
@@ -37,6 +38,7 @@ KV_PAIRS = ("5", "1", "10")
 COMBO_CHOICES = {"kv_pairs": KV_PAIRS, "attention_loss": tuple(ATTENTION_OPTIONS),
                  "gradient_checkpointing": CHECKPOINTING_MODES}
 STATE_ADVICE = "Delete it and train the identity anew (with keep_training_state on) to continue it later."
+NATIVE_RESOLUTION = {"sd1": 512, "sdxl": 1024}  # what resolution 0 trains at: the size each family was trained at
 
 
 @dataclass
@@ -49,17 +51,18 @@ class RunPlan:
 
 
 def new_run(trigger, class_word, steps, learning_rate, attention_weight, seed, resolution, kv_pairs,
-            attention_loss) -> RunPlan:
+            attention_loss, family: str = "sd1") -> RunPlan:
     class_word = validate_class_word(class_word)
     settings = TrainSettings(steps=steps, learning_rate=learning_rate, attention_weight=attention_weight, seed=seed,
-                             resolution=resolution, stage_count=int(kv_pairs),
+                             resolution=resolution or NATIVE_RESOLUTION[family], stage_count=int(kv_pairs),
                              attention_option=ATTENTION_OPTIONS[attention_loss])
     return RunPlan(settings, validate_trigger(trigger, class_word), class_word)
 
 
-def continued_run(identity_file: str, clip, steps: int) -> RunPlan:
+def continued_run(identity_file: str, clip, steps: int, family: str = "sd1") -> RunPlan:
     """The saved identity's run to continue: its own settings, `steps` more, trigger and class word, and its state."""
     identity = load_identity(SefiLoadIdentity.path(identity_file))
+    check_identity_fits(identity, family, NODE)
     state_path = train_state_path(identity_file)
     if not os.path.exists(state_path):
         raise TrainStateError(f"{identity_file} has no training state in models/sefi_training_state (it was trained "
@@ -121,7 +124,7 @@ class Previews:
     def __call__(self, trainer):
         settings = self.plan.settings
         self.preview = TrainingPreview(trainer, self.vae, self.prompt, self.plan.trigger, self.plan.class_word,
-                                       settings.resolution, settings.seed)
+                                       settings.resolution, settings.seed, trainer.family)
         return self.show
 
     def show(self, step: int, k_tokens: torch.Tensor, v_tokens: torch.Tensor) -> None:
@@ -157,13 +160,14 @@ class SefiTrainIdentity(io.ComfyNode):
             search_aliases=["train identity", "textual inversion", "personalize", "face id", "dreambooth", "one photo",
                             "embedding"],
             category="SeFi-IDE",
-            description="Learns an identity (ten CLIP-L tokens, ~30 KB) from one photo (or a few) on the model you "
-                        "loaded, and saves it to models/sefi_identities. About 1000 steps; Cancel stops it and saves "
-                        "nothing. continue_from goes on training a saved identity.",
+            description="Learns an identity (ten word embeddings: ~30 KB on SD1.x, ~80 KB on SDXL) from one photo (or "
+                        "a few) on the model you loaded, and saves it to models/sefi_identities. About 1000 steps; "
+                        "Cancel stops it and saves nothing. continue_from goes on training a saved identity.",
             is_output_node=True,
             is_input_list=True,  # several photos of different sizes arrive as a list; see single_values
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.x model to train on (not an inpainting checkpoint)."),
+                io.Model.Input("model", tooltip="The SD1.x or SDXL model to train on (not an inpainting checkpoint). The "
+                                                "identity works on that family's models."),
                 io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint."),
                 io.Vae.Input("vae", tooltip="The VAE of the same checkpoint; encodes the photo."),
                 io.Image.Input("image", tooltip="One photo of the subject, or several of the same subject (a batch, "
@@ -189,8 +193,9 @@ class SefiTrainIdentity(io.ComfyNode):
                                        "(0.01 and 0.05 underfit). 0 turns it off."),
                 io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
                              tooltip="Seed for steps, noise and augmentation."),
-                io.Int.Input("resolution", default=512, min=64, max=1024, step=64,
-                             tooltip="Training resolution in pixels; SD1.x models are made for 512."),
+                io.Int.Input("resolution", default=0, min=0, max=2048, step=64,
+                             tooltip="Training resolution in pixels. 0: the model's own, 512 for SD1.x and 1024 for "
+                                     "SDXL. Lower trains faster in less memory (SDXL at 768 still works well)."),
                 io.Combo.Input("kv_pairs", options=list(KV_PAIRS), default="5",
                                tooltip="Timestep stages, one K/V token pair each. 5 is the paper's choice; "
                                        "1 and 10 are its ablations (Table 2)."),
@@ -264,44 +269,46 @@ class SefiTrainIdentity(io.ComfyNode):
               attention_weight, seed, resolution, kv_pairs, attention_loss, overwrite, gradient_checkpointing="auto",
               preview_every=250, preview_prompt="", continue_from=NEW_IDENTITY,
               keep_training_state=True) -> io.NodeOutput:
-        path, masks = cls.check_inputs(model, clip, photos, subject_mask, name, overwrite, kv_pairs=kv_pairs,
-                                       attention_loss=attention_loss, gradient_checkpointing=gradient_checkpointing)
+        family, path, masks = cls.check_inputs(model, clip, photos, subject_mask, name, overwrite, kv_pairs=kv_pairs,
+                                               attention_loss=attention_loss,
+                                               gradient_checkpointing=gradient_checkpointing)
         node_id, photos_id = cls.hidden.unique_id if cls.hidden else None, photos_digest(photos, masks)
         if continue_from in (None, NEW_IDENTITY):
             plan = new_run(trigger, class_word, steps, learning_rate, attention_weight, seed, resolution, kv_pairs,
-                           attention_loss)
+                           attention_loss, family)
         else:
-            plan = continued_run(continue_from, clip, steps)
+            plan = continued_run(continue_from, clip, steps, family)
             announce_continuation(node_id, continue_from, plan, photos_id)
         progress = TrainingProgress(plan.settings.steps, node_id, NODE)
         previews = Previews(vae, check_preview_prompt(preview_prompt, plan.trigger), plan, progress)
         result = run_training(model, clip, vae, photos, plan.trigger, plan.class_word, plan.settings,
                               gradient_checkpointing, progress, masks, preview_every, previews, plan.resume)
-        identity = cls.save(result, plan, clip, path, overwrite, photos_id, keep_training_state)
+        identity = cls.save(result, plan, clip, family, path, overwrite, photos_id, keep_training_state)
         curve = loss_curve(result.losses, plan.settings.steps, "SeFi training loss")
         progress.end_on(curve)
         return io.NodeOutput(identity, curve, previews.strip(), ui=ui.PreviewImage(curve, cls=cls))
 
     @classmethod
     def check_inputs(cls, model, clip, photos, subject_mask, name, overwrite, **choices):
-        """Everything that can be known wrong before any work; (the path to write, one subject mask per photo)."""
-        check_sd1_model(model, NODE)
-        check_sd1_clip(clip, NODE)
+        """Everything that can be known wrong before any work; (the model family, the path to write, one subject mask
+        per photo)."""
+        family = sefi_family(model, clip, NODE)
         if model.model.concat_keys:
-            raise ValueError("This is an inpainting checkpoint. Train on the ordinary SD1.x checkpoint; the identity "
-                             "then works with the inpainting checkpoint too.")
+            raise ValueError(f"{NODE}: this is an inpainting checkpoint. Train on the ordinary {FAMILY_NAMES[family]} "
+                             "checkpoint; the identity then works with the inpainting checkpoint too.")
         path = cls.outputs.new_path(name, overwrite)
         for number, photo in enumerate(photos, 1):
             check_photo(photo, number, len(photos), NODE)
         masks = masks_for_photos(subject_mask, photos, "subject mask", EMPTY_SUBJECT_MASK)
         check_choices(COMBO_CHOICES, **choices)
-        return path, masks
+        return family, path, masks
 
     @classmethod
-    def save(cls, result, plan: RunPlan, clip, path: str, overwrite: bool, photos_id: str, keep_state_file: bool):
+    def save(cls, result, plan: RunPlan, clip, family: str, path: str, overwrite: bool, photos_id: str,
+             keep_state_file: bool):
         """The identity file (and, kept, its training state beside it)."""
         identity = Identity(result.k_tokens, result.v_tokens, plan.trigger, plan.class_word,
-                            base_model=model_fingerprint(clip), training=plan.settings.as_metadata())
+                            base_model=model_fingerprint(clip), training=plan.settings.as_metadata(), family=family)
         save_identity(identity, path, overwrite=overwrite)
         cls.outputs.wrote(path)
         keep_state(result.state, identity, os.path.basename(path), photos_id, keep_state_file)

@@ -1,5 +1,10 @@
-"""A SeFi identity: per timestep stage one K token and one V token in the CLIP-L input word-embedding
-space, and its `.safetensors` file format (versioned metadata, validated on load, never unpickled)."""
+"""A SeFi identity: per timestep stage one K token and one V token in the input word-embedding space of the model
+family's text encoders, and its `.safetensors` file format (versioned metadata, validated on load, never unpickled).
+
+A family's token is its text encoders' word embeddings side by side: CLIP-L's 768 for SD1.x; CLIP-L's 768 then
+OpenCLIP bigG's 1280 for SDXL, whose two encoders each read their own part. Format version 1 is SD1.x (files
+from before SDXL); version 2 records the family and its token widths, so a pack that knows only version 1 asks
+to be updated instead of misreading an SDXL file."""
 from __future__ import annotations
 
 import json
@@ -14,8 +19,9 @@ from ..names import InvalidName, validate_class_word, validate_trigger
 from .stages import even_boundaries, validate_boundaries
 
 FORMAT_NAME = "sefi-identity"
-FORMAT_VERSION = 1
-TOKEN_DIM = 768  # CLIP-L word embeddings (SD1.x)
+FORMAT_VERSION = 2
+FAMILIES = {"sd1": (768,), "sdxl": (768, 1280)}  # token widths, in the order of the family's text encoders
+FAMILY_NAMES = {"sd1": "SD1.x", "sdxl": "SDXL"}
 STAGE_COUNTS = (1, 5, 10)  # the paper's 5 stages, and its 1- and 10-pair ablations (Fig. 7)
 # A CLIP-L word embedding has a size (L2 norm) of about 0.1-1. Tokens 20x beyond it come from a run that
 # diverged; they give NaN or garbage images, so training stops there and loading refuses them.
@@ -28,25 +34,29 @@ class IdentityError(ValueError):
 
 @dataclass(frozen=True)
 class Identity:
-    """Ten (by default) 768-d word embeddings: k_tokens[i] and v_tokens[i] act in timestep stage i,
+    """Ten (by default) word embeddings of the family's width: k_tokens[i] and v_tokens[i] act in timestep stage i,
     stage 0 being the noisiest (see stages.py)."""
 
-    k_tokens: torch.Tensor  # (S, 768) float32
-    v_tokens: torch.Tensor  # (S, 768) float32
+    k_tokens: torch.Tensor  # (S, W) float32, W = sum(FAMILIES[family])
+    v_tokens: torch.Tensor  # (S, W) float32
     trigger: str
     class_word: str = "person"
     boundaries: tuple[float, ...] = ()  # S+1 timesteps, 1000 -> 0; empty means an even split
     base_model: str = ""  # fingerprint of the model it was trained on, when known
     training: dict = field(default_factory=dict)  # settings of the run that made it, when known
+    family: str = "sd1"  # the model family it was trained on: a key of FAMILIES
 
     def __post_init__(self):
         k, v = self.k_tokens, self.v_tokens
+        if self.family not in FAMILIES:
+            raise IdentityError(f"Identity family {self.family!r} is not one of {list(FAMILIES)}.")
         if not (torch.is_tensor(k) and torch.is_tensor(v)):
             raise IdentityError("Identity tokens must be tensors.")
-        if k.ndim != 2 or k.shape != v.shape or k.shape[1] != TOKEN_DIM or k.shape[0] not in STAGE_COUNTS:
+        width = sum(self.widths)
+        if k.ndim != 2 or k.shape != v.shape or k.shape[1] != width or k.shape[0] not in STAGE_COUNTS:
             raise IdentityError(f"Identity tokens have shapes K {tuple(k.shape)} and V {tuple(v.shape)}; "
-                                f"both must be (stages, {TOKEN_DIM}) with stages in {STAGE_COUNTS} "
-                                "(SD1.x CLIP-L word embeddings).")
+                                f"both must be (stages, {width}) with stages in {STAGE_COUNTS} "
+                                f"({self.family_name} word embeddings: {' + '.join(map(str, self.widths))}).")
         if not (k.is_floating_point() and v.is_floating_point()):
             raise IdentityError(f"Identity tokens have dtype {k.dtype}/{v.dtype}; they must be floating point.")
         k, v = (t.detach().to("cpu", torch.float32).contiguous() for t in (k, v))  # float64 may overflow here
@@ -73,14 +83,24 @@ class Identity:
     def stage_count(self) -> int:
         return self.k_tokens.shape[0]
 
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return FAMILIES[self.family]
+
+    @property
+    def family_name(self) -> str:
+        return FAMILY_NAMES[self.family]
+
 
 def save_identity(identity: Identity, path: str, overwrite: bool = False) -> str:
     """Write atomically (temp file in the same folder, then rename): a reader never sees half a file."""
     if os.path.exists(path) and not overwrite:
         raise IdentityError(f"An identity named {os.path.basename(path)!r} already exists in {os.path.dirname(path)}. "
                             "Choose another name, or switch 'overwrite' on to replace it.")
-    metadata = {
-        **format_metadata(FORMAT_NAME, FORMAT_VERSION),
+    metadata = {  # SD1.x files stay version 1, readable by every version of the pack
+        **format_metadata(FORMAT_NAME, 1 if identity.family == "sd1" else FORMAT_VERSION),
+        "sefi.family": identity.family,
+        "sefi.token_widths": json.dumps(list(identity.widths)),
         "sefi.trigger": identity.trigger,
         "sefi.class_word": identity.class_word,
         "sefi.stage_count": str(identity.stage_count),
@@ -94,14 +114,17 @@ def save_identity(identity: Identity, path: str, overwrite: bool = False) -> str
 
 def load_identity(path: str) -> Identity:
     """Read and validate an identity file; every problem raises IdentityError naming the file."""
-    _, meta, tensors = read_versioned(path, FORMAT_NAME, FORMAT_VERSION, IdentityError, "a SeFi identity",
+    version, meta, tensors = read_versioned(path, FORMAT_NAME, FORMAT_VERSION, IdentityError, "a SeFi identity",
                                       "Copy the identity file again, or retrain it.",
                                       "Only files made by SeFi Train Identity go in models/sefi_identities.")
-    return _identity_from(os.path.basename(path), meta, tensors)
+    return _identity_from(os.path.basename(path), meta, tensors, version)
 
 
-def _identity_from(name: str, meta: dict, tensors: dict) -> Identity:
+def _identity_from(name: str, meta: dict, tensors: dict, version: int) -> Identity:
     field = _MetadataReader(name, meta)
+    family = "sd1" if version == 1 else field.read("sefi.family", _family, f"one of {list(FAMILIES)}")
+    field.read("sefi.token_widths", lambda raw: _widths(raw, family), f"{list(FAMILIES[family])} for {family}",
+               json.dumps(list(FAMILIES[family])))
     for key in ("sefi.k_tokens", "sefi.v_tokens"):
         if key not in tensors:
             raise IdentityError(f"{name} has no {key!r} tensor; the file is damaged. Retrain the identity.")
@@ -119,7 +142,7 @@ def _identity_from(name: str, meta: dict, tensors: dict) -> Identity:
     training = field.read("sefi.training", _json_object, "an object of training settings", "{}")
     try:
         return Identity(tensors["sefi.k_tokens"], tensors["sefi.v_tokens"], trigger, class_word, boundaries,
-                        base_model, training)
+                        base_model, training, family)
     except (IdentityError, ValueError) as e:
         raise IdentityError(f"{name}: {e}") from e
 
@@ -159,6 +182,18 @@ def _boundaries(raw, stages: int) -> tuple[float, ...]:
         raise ValueError(values)
     validate_boundaries(values, stages)
     return tuple(float(v) for v in values)
+
+
+def _family(raw) -> str:
+    if raw not in FAMILIES:
+        raise ValueError(raw)
+    return raw
+
+
+def _widths(raw, family: str) -> tuple[int, ...]:
+    if tuple(json.loads(raw)) != FAMILIES[family]:
+        raise ValueError(raw)
+    return FAMILIES[family]
 
 
 def _text(raw) -> str:

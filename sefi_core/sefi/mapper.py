@@ -18,11 +18,20 @@ class TokenMapper(nn.Module):
     per step (about a tenth of its size at the paper's lr 0.005), like Textual Inversion's embeddings.
     Unscaled, tokens grew to 10^4 times a word embedding's size within 300 steps and the text encoder
     could no longer put them in context.
+
+    `widths`: the parts of the embedding each text encoder reads (SDXL: CLIP-L's 768, then bigG's 1280). Each part
+    is scaled by its own class embedding's size, so a token moves alike, relative to its size, in both encoders'
+    spaces however different their embeddings' sizes are; the mapper itself sees the parts side by side, so one
+    identity is learned for both.
     """
 
-    def __init__(self, class_embedding: torch.Tensor, stage_count: int = 5, heads: int = 8):
+    def __init__(self, class_embedding: torch.Tensor, stage_count: int = 5, heads: int = 8,
+                 widths: tuple[int, ...] | None = None):
         super().__init__()
         channels = class_embedding.shape[-1]
+        widths = tuple(widths or (channels,))
+        if sum(widths) != channels:
+            raise ValueError(f"token widths {widths} do not add up to the class embedding's {channels}")
         self.stage_count = stage_count
         self.register_buffer("class_embedding", class_embedding.detach().float().clone())
         self.slots = nn.Parameter(torch.randn(2 * stage_count, channels) * 0.02)  # (2S, C): K slots, then V slots
@@ -34,7 +43,9 @@ class TokenMapper(nn.Module):
         self.out = nn.Linear(channels, channels)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-        self.scale = float(self.class_embedding.norm() / channels)
+        parts = self.class_embedding.split(widths)
+        scale = torch.cat([part.norm().expand(len(part)) for part in parts]) / channels
+        self.register_buffer("scale", scale, persistent=False)  # (C,): from the class embedding, not learned
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         cls = self.class_embedding

@@ -57,7 +57,8 @@ class TrainSettings:
             (math.isfinite(self.attention_weight) and self.attention_weight >= 0,
              f"attention-loss weight must be 0 or more (got {self.attention_weight}); the paper uses 0.003"),
             (self.resolution >= 64 and self.resolution % 64 == 0,
-             f"resolution must be a multiple of 64, at least 64 (got {self.resolution}); SD1.x trains at 512"),
+             f"resolution must be a multiple of 64, at least 64 (got {self.resolution}); SD1.x trains at 512, SDXL at "
+             "1024"),
             (self.stage_count in (1, 5, 10), f"K/V pairs must be 1, 5 or 10 (got {self.stage_count})"),
             (self.attention_option in ATTENTION_OPTIONS.values(),
              f"attention-loss option {self.attention_option!r} is not one of {list(ATTENTION_OPTIONS.values())}"),
@@ -150,7 +151,7 @@ def train_tokens(settings: TrainSettings, class_embedding: torch.Tensor, samples
                  device: torch.device | str = "cpu", compute_dtype: torch.dtype = torch.float32,
                  readback_every: int = LOSS_READBACK_STEPS, preview_every: int = 0,
                  on_preview: OnPreview = lambda step, k_tokens, v_tokens: None,
-                 resume: TrainState | None = None) -> TrainResult:
+                 resume: TrainState | None = None, widths: tuple[int, ...] | None = None) -> TrainResult:
     """samples: (latent (1, 4, h, w), mask (1, 1, h, w)) augmented views of the image(s).
     encode_kv(template_index, k_token, v_token) -> (k_context, v_context), differentiable in the tokens.
     denoise(latent, noise, t, k_context, v_context, template_index) -> (eps_prediction, attention_loss).
@@ -160,10 +161,11 @@ def train_tokens(settings: TrainSettings, class_embedding: torch.Tensor, samples
     on_preview(steps_done, k_tokens, v_tokens) runs every `preview_every` steps (0: never) with the current tokens,
     outside autograd; it draws nothing from the training's generator, so previews leave the result unchanged.
     resume: the state a run of the same settings ended with; training goes on from its step to settings.steps, as
-    one run would have (same samples given)."""
+    one run would have (same samples given).
+    widths: each text encoder's part of a token (SDXL: (768, 1280)); None: one encoder (TokenMapper)."""
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)  # the mapper's initial slots
-    mapper = TokenMapper(class_embedding, settings.stage_count).to(device)
+    mapper = TokenMapper(class_embedding, settings.stage_count, widths=widths).to(device)
     optimizer = make_optimizer(mapper, settings.learning_rate)
     scaler = loss_scaler(device, compute_dtype)
     boundaries = even_boundaries(settings.stage_count)

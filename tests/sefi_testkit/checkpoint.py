@@ -37,19 +37,32 @@ class UNetLayout:
     transformer_depth_middle: int
     transformer_depth_output: tuple[int, ...]  # popped from the end: last entry is output_blocks.0
     in_channels: int = 4  # 9 for an inpainting UNet: latent, mask, masked-image latent (the host detects SD1.5 inpainting)
-    family: str = "sd1"  # "sd2": 1024-d context, linear proj_in/out, 64-wide heads, OpenCLIP ViT-H text encoder
+    family: str = "sd1"  # "sd2": 1024-d context, linear proj_in/out, 64-wide heads, OpenCLIP ViT-H text encoder;
+    # "sdxl": 2048-d context (CLIP-L and OpenCLIP bigG), the pooled and size embeddings through label_emb (`y`)
 
 
 # What the host's model detection matches for each family (its SD15 / SD20 configs), and its fixed head layout.
 FAMILY_CONFIG = {
     "sd1": {"context_dim": 768, "use_linear_in_transformer": False, "num_heads": 8, "num_head_channels": -1},
     "sd2": {"context_dim": 1024, "use_linear_in_transformer": True, "num_heads": -1, "num_head_channels": 64},
+    "sdxl": {"context_dim": 2048, "use_linear_in_transformer": True, "num_heads": -1, "num_head_channels": 64,
+             "num_classes": "sequential", "adm_in_channels": 2816},
 }
-CLIP_CONFIG = {"sd1": "sd1_clip_config.json", "sd2": "text_encoders/sd2_clip_config.json"}  # under comfy/
+CLIP_CONFIG = {"sd1": "sd1_clip_config.json", "sd2": "text_encoders/sd2_clip_config.json",
+               "sdxl_g": "clip_config_bigg.json"}  # under comfy/
+# Where each text encoder sits in a checkpoint: (prefix, config, OpenCLIP layout?). SDXL holds CLIP-L in Hugging
+# Face names and bigG in OpenCLIP's, as Stability's sd_xl_base_1.0 does; the host converts both on load.
+TEXT_ENCODERS = {
+    "sd1": [(CLIP_PREFIX, "sd1", False)],
+    "sd2": [(OPEN_CLIP_PREFIX, "sd2", True)],
+    "sdxl": [("conditioner.embedders.0.transformer.", "sd1", False), ("conditioner.embedders.1.model.", "sdxl_g", True)],
+}
 
 
 _SD1_DEPTH = (1, 1, 1, 1, 1, 1, 0, 0)
 _SD1_DEPTH_OUTPUT = (1,) * 9 + (0,) * 3
+_SDXL_DEPTH = (0, 0, 2, 2, 10, 10)
+_SDXL_DEPTH_OUTPUT = (0, 0, 0, 2, 2, 2, 10, 10, 10)
 
 PRESETS = {
     # One level, attention in input_blocks.1, the middle block and output_blocks.0/1: 4 attn2 layers.
@@ -67,21 +80,30 @@ PRESETS = {
     # as SD20: one level of 320 channels (model_channels is matched) with a transformer in an input block (the context
     # width is read there).
     "tiny_sd2_inpaint": UNetLayout((1,), (1,), (1,), 1, (1, 1), in_channels=9, family="sd2"),
+    # The smallest UNet the host detects as SDXL: its SDXL config matches model_channels 320 and the input blocks'
+    # transformer depths [0, 0, 2, 2, 10, 10], so three levels of two blocks, all at 320 channels, attention at half
+    # and a quarter of the latent size as in SDXL (24 attn2 layers); no transformer in the middle or output blocks.
+    # The host builds both text encoders at full size (CLIP-L and the 32-layer bigG): about 1.6 GB in fp16.
+    "tiny_sdxl": UNetLayout((1, 1, 1), (2, 2, 2), _SDXL_DEPTH, -1, (0,) * 9, family="sdxl"),
+    # SDXL's block structure (70 attn2 layers: depths 2 and 10) with every level at 320 channels (~0.5B UNet).
+    "sdxl_layout": UNetLayout((1, 1, 1), (2, 2, 2), _SDXL_DEPTH, 10, _SDXL_DEPTH_OUTPUT, family="sdxl"),
+    # True SDXL dimensions (~2.6B UNet): for benchmarks only, never used by the tests.
+    "sdxl_size": UNetLayout((1, 2, 4), (2, 2, 2), _SDXL_DEPTH, 10, _SDXL_DEPTH_OUTPUT, family="sdxl"),
 }
 
 
 def unet_config(preset: str) -> dict:
-    """UNetModel kwargs as ComfyUI's SD15 (or SD20) config would build them for this preset."""
+    """UNetModel kwargs as ComfyUI's SD15 (SD20, SDXL) config would build them for this preset."""
     layout = PRESETS[preset]
     return {
         "image_size": 32,
         "in_channels": layout.in_channels,
         "out_channels": 4,
         "model_channels": 320,
-        **FAMILY_CONFIG[layout.family],
         "use_spatial_transformer": True,
         "legacy": False,
         "adm_in_channels": None,
+        **FAMILY_CONFIG[layout.family],
         "use_checkpoint": False,
         "channel_mult": list(layout.channel_mult),
         "num_res_blocks": list(layout.num_res_blocks),
@@ -149,11 +171,9 @@ def meta_shapes(preset: str) -> dict[str, torch.Size]:
     shapes = {}
     for prefix, module in ((UNET_PREFIX, _meta_unet(preset)), (VAE_PREFIX, _meta_taesd())):
         shapes.update({prefix + name: t.shape for name, t in module.state_dict().items()})
-    clip = {name: t.shape for name, t in _meta_clip(family).state_dict().items()}
-    if family == "sd2":
-        shapes.update({OPEN_CLIP_PREFIX + name: shape for name, shape in open_clip_shapes(clip).items()})
-    else:
-        shapes.update({CLIP_PREFIX + name: shape for name, shape in clip.items()})
+    for prefix, config, open_clip in TEXT_ENCODERS[family]:
+        clip = {name: t.shape for name, t in _meta_clip(config).state_dict().items()}
+        shapes.update({prefix + name: shape for name, shape in (open_clip_shapes(clip) if open_clip else clip).items()})
     return shapes
 
 

@@ -7,13 +7,15 @@ import torch
 from safetensors.torch import save_file
 
 from sefi_core.names import validate_class_word
-from sefi_core.sefi.identity import FORMAT_VERSION, Identity, IdentityError, load_identity, save_identity
+from sefi_core.sefi.identity import FAMILIES, FORMAT_VERSION, Identity, IdentityError, load_identity, save_identity
 
 
-def make_identity(stages=5, seed=0, **kw):
+def make_identity(stages=5, seed=0, family="sd1", **kw):
     g = torch.Generator().manual_seed(seed)
-    return Identity(k_tokens=torch.randn(stages, 768, generator=g) * 0.03, v_tokens=torch.randn(stages, 768, generator=g) * 0.03,
-                    trigger=kw.pop("trigger", "sks"), **kw)
+    width = sum(FAMILIES[family])
+    return Identity(k_tokens=torch.randn(stages, width, generator=g) * 0.03,
+                    v_tokens=torch.randn(stages, width, generator=g) * 0.03, trigger=kw.pop("trigger", "sks"),
+                    family=family, **kw)
 
 
 @pytest.mark.parametrize("stages", [1, 5, 10])
@@ -54,7 +56,8 @@ def test_foreign_safetensors_is_rejected(tmp_path):
 
 
 def _write_raw(path, k, v, **meta):
-    base = {"sefi.format": "sefi-identity", "sefi.format_version": str(FORMAT_VERSION), "sefi.trigger": "sks",
+    """An identity file as written by hand; version 1, the SD1.x format from before SDXL, unless `meta` says."""
+    base = {"sefi.format": "sefi-identity", "sefi.format_version": "1", "sefi.trigger": "sks",
             "sefi.class_word": "person", "sefi.stage_count": str(k.shape[0]),
             "sefi.stage_boundaries": json.dumps([1000, 800, 600, 400, 200, 0][: k.shape[0] + 1] if k.shape[0] == 5 else [1000, 0])}
     base.update(meta)
@@ -109,3 +112,48 @@ def test_class_words_of_a_few_words(word, expected, tmp_path):
     assert validate_class_word(word) == expected
     path = save_identity(make_identity(class_word=word), tmp_path / "x.safetensors")
     assert load_identity(path).class_word == expected
+
+
+def test_sdxl_identity_records_its_family_and_widths(tmp_path):
+    ident = make_identity(family="sdxl", class_word="cat")
+    path = save_identity(ident, tmp_path / "xl.safetensors")
+    back = load_identity(path)
+    assert (back.family, back.widths, back.k_tokens.shape) == ("sdxl", (768, 1280), (5, 2048))
+    assert torch.equal(back.k_tokens, ident.k_tokens) and torch.equal(back.v_tokens, ident.v_tokens)
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert (meta["sefi.format_version"], meta["sefi.family"], json.loads(meta["sefi.token_widths"])) == \
+        (str(FORMAT_VERSION), "sdxl", [768, 1280])
+    assert FORMAT_VERSION == 2
+
+
+def test_sd1_identities_stay_format_version_1(tmp_path):
+    """A pack from before SDXL reads version 1 only: SD1.x files stay readable by it."""
+    from safetensors import safe_open
+    path = save_identity(make_identity(), tmp_path / "sd1.safetensors")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert (meta["sefi.format_version"], meta["sefi.family"]) == ("1", "sd1")
+    assert load_identity(path).family == "sd1"
+
+
+def test_old_sd1_file_without_family_loads_as_sd1(tmp_path):
+    path = tmp_path / "old.safetensors"
+    _write_raw(path, torch.zeros(5, 768), torch.zeros(5, 768))
+    assert load_identity(path).family == "sd1"
+
+
+@pytest.mark.parametrize("k, meta, message", [
+    (torch.zeros(5, 2048), {}, "'sefi.family' is missing"),
+    (torch.zeros(5, 2048), {"sefi.family": "flux"}, "'sefi.family' is 'flux'"),
+    (torch.zeros(5, 2048), {"sefi.family": "sdxl", "sefi.token_widths": "[1280, 768]"}, "token_widths"),
+    (torch.zeros(5, 768), {"sefi.family": "sdxl"}, r"\(stages, 2048\).*SDXL word embeddings: 768 \+ 1280"),
+    (torch.zeros(5, 2048), {"sefi.family": "sd1"}, r"\(stages, 768\)"),
+])
+def test_malformed_version_2_files_are_rejected(tmp_path, k, meta, message):
+    path = tmp_path / "bad2.safetensors"
+    _write_raw(path, k, k.clone(), **{"sefi.format_version": "2", **meta})
+    with pytest.raises(IdentityError, match=message) as err:
+        load_identity(path)
+    assert "bad2.safetensors" in str(err.value)
