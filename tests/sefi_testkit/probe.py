@@ -21,21 +21,34 @@ def train_node(host, **inputs):
         return host.node("SefiTrainIdentity").execute(**listed)
 
 
+def text_encoder_keys(clip) -> tuple[str, ...]:
+    """The host's token keys of the CLIP's text encoders: ("l",) SD1.x, ("h",) SD2, ("l", "g") SDXL (its encode
+    concatenates CLIP-L's output and bigG's in that order)."""
+    name = getattr(clip.cond_stage_model, "clip_name", None)
+    return (name,) if name else ("l", "g")
+
+
+def family(clip) -> str:
+    return "sdxl" if text_encoder_keys(clip) == ("l", "g") else "sd1"
+
+
 def embedding(clip, word: str) -> torch.Tensor:
-    """A word's input embedding in the CLIP's one text encoder (CLIP-L; SD2's OpenCLIP ViT-H), read straight from the
-    host's token table."""
-    key = clip.cond_stage_model.clip_name  # "l", "h"
-    chunk = clip.tokenize(word)[key][0]
-    ids = [t for t, *_ in chunk[1:]]
-    ids = ids[: ids.index(getattr(clip.tokenizer, f"clip_{key}").end_token)]
-    table = getattr(clip.cond_stage_model, f"clip_{key}").transformer.get_input_embeddings().weight
-    return table[torch.tensor(ids)].detach().float().mean(0)
+    """A word's input embedding, read straight from the host's token tables: the CLIP's one text encoder's (CLIP-L;
+    SD2's OpenCLIP ViT-H), or SDXL's CLIP-L and bigG embeddings side by side."""
+    parts = []
+    for key in text_encoder_keys(clip):
+        chunk = clip.tokenize(word)[key][0]
+        ids = [t for t, *_ in chunk[1:]]
+        ids = ids[: ids.index(getattr(clip.tokenizer, f"clip_{key}").end_token)]
+        table = getattr(clip.cond_stage_model, f"clip_{key}").transformer.get_input_embeddings().weight
+        parts.append(table[torch.tensor(ids)].detach().float().mean(0))
+    return torch.cat(parts)
 
 
 def word_identity(clip, k_words, v_words, trigger="sks") -> Identity:
     k = torch.stack([embedding(clip, w) for w in k_words])
     v = torch.stack([embedding(clip, w) for w in v_words])
-    return Identity(k, v, trigger)
+    return Identity(k, v, trigger, family=family(clip))
 
 
 def apply(host, model, clip, identity, trigger="", strength=1.0, start=0.0, end=1.0):

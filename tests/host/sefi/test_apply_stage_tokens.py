@@ -192,7 +192,7 @@ def test_malformed_identity_file_fails_the_load_node_naming_the_file(host):
     assert "broken.safetensors" in result.error["exception_message"]
 
 
-def test_non_sd1_model_is_refused_naming_what_was_found(host, tiny):
+def test_an_sd2_model_is_refused_naming_what_was_found(host, tiny):
     import comfy.model_patcher
     import comfy.supported_models
     from sefi_testkit.checkpoint import unet_config
@@ -201,7 +201,7 @@ def test_non_sd1_model_is_refused_naming_what_was_found(host, tiny):
     config = comfy.supported_models.SD20({**unet_config("tiny"), "context_dim": 1024, "use_linear_in_transformer": True,
                                           "num_heads": -1, "num_head_channels": 64})
     sd2 = comfy.model_patcher.ModelPatcher(config.get_model({}), load_device="cpu", offload_device="cpu")
-    with pytest.raises(ValueError, match="SeFi Apply Stage Tokens needs an SD1.x model.*This model is SD20 with a 1024-d"):
+    with pytest.raises(ValueError, match="SeFi Apply Stage Tokens works on SD1.x and SDXL models. This model is SD20 with a 1024-d"):
         probe.apply(host, sd2, clip, probe.word_identity(clip, ["cat"] * 5, ["cat"] * 5))
 
 

@@ -1,7 +1,12 @@
 """The identity through ComfyUI's own conditioning nodes: whatever a node does to the conditioning, it does to the
 identity's K and V contexts. Every expectation is computed independently: the prompt encoded by the plain CLIP
 with the K word ("cat") or the V word ("dog") written in the trigger's place, then the node's operation written out
-by hand; and it is checked against the contexts every cross-attention layer actually received while sampling."""
+by hand; and it is checked against the contexts every cross-attention layer actually received while sampling.
+
+Each node is checked on SD1.x (tiny) and on SDXL (tiny_sdxl: CLIP-L's and bigG's contexts side by side, and the pooled
+embedding the UNet reads through `y`), except GLIGEN, which exists for SD1.x alone. On SDXL the identity has one stage:
+each prompt with the trigger then costs 3 encodes through the 32-layer bigG instead of 11; the stages themselves are
+tested on SDXL in test_training_matches_apply and test_sdxl."""
 import pytest
 import torch
 
@@ -9,17 +14,33 @@ from sefi_testkit import probe
 
 K_WORD, V_WORD = "cat", "dog"
 PROMPT = "a photo of sks sitting"
+STAGES = {"tiny": 5, "tiny_sdxl": 1}
 
 
-@pytest.fixture(scope="module")
-def sefi(host):
-    model, clip, _ = host.load_checkpoint("tiny.safetensors")
-    patched_model, patched_clip = probe.apply(host, model, clip, probe.word_identity(clip, [K_WORD] * 5, [V_WORD] * 5))
+def applied(host, preset):
+    model, clip, _ = host.load_checkpoint(host.checkpoint(preset))
+    stages = STAGES[preset]
+    patched_model, patched_clip = probe.apply(host, model, clip,
+                                              probe.word_identity(clip, [K_WORD] * stages, [V_WORD] * stages))
     return model, clip, patched_model, patched_clip
 
 
+def preset_of(clip) -> str:
+    return "tiny_sdxl" if probe.family(clip) == "sdxl" else "tiny"
+
+
+@pytest.fixture(scope="module", params=list(STAGES))
+def sefi(host, request):
+    return applied(host, request.param)
+
+
+@pytest.fixture(scope="module")
+def sefi_sd1(host):
+    return applied(host, "tiny")
+
+
 def plain(host, clip, text):
-    return probe.encode(host, clip, text)[0][0]  # (1, 77, 768)
+    return probe.encode(host, clip, text)[0][0]  # (1, 77, 768), SDXL's (1, 77, 2048)
 
 
 def expected_kv(host, clip, text):
@@ -90,13 +111,13 @@ def test_zero_out_on_a_negative_with_the_trigger_gives_zeros(host, sefi):
         torch.testing.assert_close(value[row], v[0].to(value), rtol=1e-4, atol=1e-4)
 
 
-def style_model_and_image():
+def style_model_and_image(context_dim=768):
     import comfy.clip_vision
     import comfy.sd
     import comfy.t2i_adapter.adapter
 
-    torch.manual_seed(0)  # the SD1 T2I style adapter's architecture, random weights
-    style = comfy.sd.StyleModel(comfy.t2i_adapter.adapter.StyleAdapter(width=1024, context_dim=768, num_head=8,
+    torch.manual_seed(0)  # the SD1 T2I style adapter's architecture (its tokens as wide as the context), random weights
+    style = comfy.sd.StyleModel(comfy.t2i_adapter.adapter.StyleAdapter(width=1024, context_dim=context_dim, num_head=8,
                                                                        n_layes=3, num_token=8))
     vision = comfy.clip_vision.Output()
     vision.last_hidden_state = torch.randn(1, 257, 1024)
@@ -106,7 +127,7 @@ def style_model_and_image():
 @pytest.mark.parametrize("strength_type", ["multiply", "attn_bias"])
 def test_style_tokens_are_appended_to_the_identity_contexts(host, sefi, strength_type):
     _, clip, model, sefi_clip = sefi
-    style, vision = style_model_and_image()
+    style, vision = style_model_and_image(plain(host, clip, "").shape[-1])
     styled = run(node(host, "StyleModelApply").apply_stylemodel, probe.encode(host, sefi_clip, PROMPT), style, vision,
                  0.8, strength_type)
     with torch.inference_mode():
@@ -117,10 +138,10 @@ def test_style_tokens_are_appended_to_the_identity_contexts(host, sefi, strength
     assert_rows(records, torch.cat((k, tokens), 1), torch.cat((v, tokens), 1))
 
 
-def test_unclip_conditioning_has_no_effect_on_sd1_and_keeps_the_identity(host, sefi):
+def test_unclip_conditioning_has_no_effect_on_sd1_and_keeps_the_identity(host, sefi_sd1):
     """unCLIP Conditioning adds an image embedding that only unCLIP models read (their ADM input); on SD1.x the host
     ignores it: every layer receives the identity's contexts, and the image is the one without the node."""
-    _, clip, model, sefi_clip = sefi
+    _, clip, model, sefi_clip = sefi_sd1
     _, vision = style_model_and_image()
     vision.image_embeds = torch.randn(1, 1024)
     ident, negative = probe.encode(host, sefi_clip, PROMPT), probe.encode(host, sefi_clip, "")
@@ -130,6 +151,20 @@ def test_unclip_conditioning_has_no_effect_on_sd1_and_keeps_the_identity(host, s
     assert_rows(received(host, model, unclip, negative), k, v)
     assert torch.equal(probe.sample(host, model, unclip, negative, steps=2),
                        probe.sample(host, model, ident, negative, steps=2))
+
+
+def test_unclip_conditioning_on_sdxl_changes_the_pooled_input_and_keeps_the_identity(host):
+    """On SDXL the host reads unCLIP Conditioning's image embedding into `y` in place of the pooled text embedding
+    (sdxl_pooled); the cross-attention still receives the identity's contexts in every layer."""
+    _, clip, model, sefi_clip = applied(host, "tiny_sdxl")
+    _, vision = style_model_and_image(2048)
+    vision.image_embeds = torch.randn(1, 1280)
+    ident, negative = probe.encode(host, sefi_clip, PROMPT), probe.encode(host, sefi_clip, "")
+    unclip = run(node(host, "unCLIPConditioning").apply_adm, ident, vision, 1.0, 0.0)
+    k, v = expected_kv(host, clip, PROMPT)
+    assert_rows(received(host, model, unclip, negative), k, v)
+    assert not torch.equal(probe.sample(host, model, unclip, negative, steps=2),
+                           probe.sample(host, model, ident, negative, steps=2))
 
 
 def test_area_mask_strength_timestep_range_properties_and_combine_keep_the_identity(host, sefi):
@@ -154,6 +189,7 @@ def test_area_mask_strength_timestep_range_properties_and_combine_keep_the_ident
 
 
 def test_two_identities_averaged_each_keep_their_stages(host, sefi):
+    """Five stages on both families: two identities of different words per stage."""
     base_model, clip, _, _ = sefi
     words_k, words_v = ["cat", "dog", "car", "tree", "house"], ["house", "tree", "car", "dog", "cat"]
     m1, c1 = probe.apply(host, base_model, clip, probe.word_identity(clip, words_k, words_v, trigger="sks"))
@@ -184,7 +220,7 @@ def test_controlnet_keeps_the_identity_in_the_unet_and_sees_the_class_word_itsel
     from sefi_testkit.checkpoint import controlnet
 
     _, clip, model, sefi_clip = sefi
-    control = controlnet("tiny")
+    control = controlnet(preset_of(clip))
     hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         positive, negative = node(host, "ControlNetApplyAdvanced").apply_controlnet(
@@ -205,7 +241,7 @@ def test_controlnet_keeps_the_identity_in_the_unet_and_sees_the_class_word_itsel
 
 def test_inpaint_conditioning_keeps_the_identity(host, sefi):
     _, clip, model, sefi_clip = sefi
-    _, _, vae = host.load_checkpoint("tiny.safetensors")
+    _, _, vae = host.load_checkpoint(host.checkpoint(preset_of(clip)))
     pixels = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
     mask = torch.zeros(1, 64, 64)
     mask[:, 16:48, 16:48] = 1
@@ -233,10 +269,10 @@ def gligen_model():
     return comfy.model_patcher.ModelPatcher(gligen, load_device=device, offload_device=device)
 
 
-def test_a_gligen_box_with_the_trigger_is_an_error_that_says_what_to_write(host, sefi):
+def test_a_gligen_box_with_the_trigger_is_an_error_that_says_what_to_write(host, sefi_sd1):
     """GLIGEN reads the box phrase's pooled embedding, which an identity does not change: the box would silently
     show the class word."""
-    _, _, model, sefi_clip = sefi
+    _, _, model, sefi_clip = sefi_sd1
     gligen = gligen_model()
     with torch.inference_mode():
         boxed = node(host, "GLIGENTextBoxApply").append(probe.encode(host, sefi_clip, PROMPT), sefi_clip, gligen,

@@ -84,7 +84,7 @@ def apply_path(host, model, clip, identity, prompts, pairs):
 
 
 class FixedTokens:
-    """Stands in for the token mapper: loss_terms asks it for the (S, 768) K and V tokens."""
+    """Stands in for the token mapper: loss_terms asks it for the (S, C) K and V tokens."""
 
     def __init__(self, identity):
         self.k_tokens, self.v_tokens = identity.k_tokens, identity.v_tokens
@@ -114,16 +114,21 @@ def training_path(host, trainer, identity, template, pairs, stages=range(5)):
 
 
 def reference_contexts(host, clip, template):
-    """{word: (1, 77, 768)} the plain host CLIP gives the template with the word, all encoded in one batch."""
-    tokens = {"l": [c for w in WORDS for c in clip.tokenize(templates(host)[template].format(w))["l"]]}
+    """{word: (1, 77, C)} the plain host CLIP gives the template with the word, all encoded in one batch (each of
+    SDXL's encoders its own prompts)."""
+    prompts = [clip.tokenize(templates(host)[template].format(w)) for w in WORDS]
+    tokens = {key: [c for p in prompts for c in p[key]] for key in probe.text_encoder_keys(clip)}
     with torch.inference_mode():
         encoded = clip.encode_from_tokens(tokens).float()
     return dict(zip(WORDS, encoded.chunk(len(WORDS), dim=1)))
 
 
-def reference_path(host, model, clip, contexts, k_words, v_words, pairs, stages=range(5)):
-    """{stage: eps} with no SeFi code: keys and values of the positive row put into every attn2 by hand."""
-    positive = negative = probe.encode(host, clip, "")  # the positive's keys and values are replaced in every layer
+def reference_path(host, model, clip, contexts, k_words, v_words, pairs, template, stages=range(5)):
+    """{stage: eps} with no SeFi code: keys and values of the positive row put into every attn2 by hand. The positive
+    is the template with the class word, whose keys and values are replaced in every layer; SDXL's UNet takes its
+    pooled embedding too (through `y`), which SeFi leaves the class word's."""
+    positive = probe.encode(host, clip, templates(host)[template].format(CLASS_WORD))
+    negative = probe.encode(host, clip, "")
     out = {}
     for s in stages:
         raw, _, _, t, noise = pairs[s]
@@ -157,9 +162,9 @@ class RecordingVAE:
 
 # ---------------------------------------------------------------- one run for the module
 
-@pytest.fixture(scope="module")
-def paths(host):
-    model, clip, vae = host.load_checkpoint("tiny.safetensors")
+@pytest.fixture(scope="module", params=["tiny", "tiny_sdxl"])
+def paths(host, request):
+    model, clip, vae = host.load_checkpoint(host.checkpoint(request.param))
     training, shared = host.module("nodes.sefi.training"), host.module("nodes.training")
     assert model.model.get_dtype() == torch.float32 and model.model.manual_cast_dtype is None
 
@@ -192,10 +197,11 @@ def paths(host):
 
     word_prompt = templates(host)[WORD_TEMPLATE].format(TRIGGER)
     trained_prompt, class_prompt = (templates(host)[TRAINED_TEMPLATE].format(w) for w in (TRIGGER, CLASS_WORD))
-    text_model = clip.cond_stage_model.clip_l.transformer.text_model
+    text_models = [getattr(clip.cond_stage_model, f"clip_{key}").transformer.text_model
+                   for key in probe.text_encoder_keys(clip)]
     dtypes = set()
     hooks = [m.register_forward_hook(lambda m, args, out: dtypes.update({args[0].dtype, out.dtype}))
-             for m in (text_model.encoder.layers[0].mlp.fc1, text_model.final_layer_norm)]
+             for text_model in text_models for m in (text_model.encoder.layers[0].mlp.fc1, text_model.final_layer_norm)]
     try:
         apply_a = apply_path(host, model, clip, a, [word_prompt], pairs)[word_prompt]
     finally:
@@ -208,8 +214,8 @@ def paths(host):
         apply_b=apply_path(host, model, clip, b, [word_prompt], pairs)[word_prompt],
         # With the class word in the trigger's place, through the same Apply'd MODEL and CLIP (what strength 0 gives).
         apply_trained=apply_path(host, model, clip, trained, [trained_prompt, class_prompt], pairs),
-        reference_a=reference_path(host, model, clip, contexts, K_WORDS, V_WORDS, pairs),
-        reference_b=reference_path(host, model, clip, contexts, K_WORDS_B, V_WORDS_B, pairs,
+        reference_a=reference_path(host, model, clip, contexts, K_WORDS, V_WORDS, pairs, WORD_TEMPLATE),
+        reference_b=reference_path(host, model, clip, contexts, K_WORDS_B, V_WORDS_B, pairs, WORD_TEMPLATE,
                                    (CHANGED_K_STAGE, CHANGED_V_STAGE)),
         pairs=pairs, trained_prompt=trained_prompt, class_prompt=class_prompt,
     )
