@@ -19,7 +19,7 @@ from sefi_testkit.pva import write_dataset, write_pva_identity
 from sefi_testkit.workflow_format import VIRTUAL_NODES, combo_errors, link_type_errors, to_api
 
 ROOT = Path(__file__).resolve().parents[2]
-WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"), key=lambda p: int(p.stem.split("_")[0]))
 # The user's own files, picked in the UI, and the suite's stand-ins (the random recognizer and encoder of pva_files).
 USER_FILES = {"ckpt_name": "tiny.safetensors", "image": "astronaut.png", "recognizer_file": "r18.safetensors",
               "encoder_file": "random.safetensors", "clip_name": "placeholder_clip_vision.safetensors"}
@@ -35,10 +35,11 @@ def load(path):
     return json.loads(path.read_text())
 
 
-def test_all_nine_workflows_ship():
+def test_all_ten_workflows_ship():
     assert [p.stem for p in WORKFLOWS] == ["1_train_and_generate", "2_saved_identity_prompts", "3_two_identities",
                                           "4_face_inpainting", "5_attention_preview", "6_pva_face_inpainting",
-                                          "7_sefi_vs_pva", "8_pva_train_encoder", "9_continue_training"]
+                                          "7_sefi_vs_pva", "8_pva_train_encoder", "9_continue_training",
+                                          "10_sdxl_train_and_generate"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -53,6 +54,7 @@ def test_workflow_loads_against_the_host_registry(host, path, pva_files):
     make_identities(host)
     host.checkpoint("tiny")
     host.checkpoint("tiny_inpaint")
+    host.checkpoint("tiny_sdxl")
     ok, error, _, node_errors = asyncio.run(host.execution.validate_prompt(str(uuid.uuid4()), prompt, None))
     assert ok, (error, node_errors)
 
@@ -139,19 +141,24 @@ def test_help_pages_name_the_models_the_readme_names(node, kind):
 
 def small(prompt, mask_image=None):
     """The user's files swapped for the suite's, sizes and step counts made small."""
+    on_sdxl = any("_xl_" in str(node["inputs"].get("ckpt_name", "")) for node in prompt.values())
     for node in prompt.values():
         inputs = node["inputs"]
         for name, value in USER_FILES.items():
             if name in inputs and isinstance(inputs[name], str):
                 inpainting = name == "ckpt_name" and "inpainting" in inputs[name]
+                sdxl = name == "ckpt_name" and "_xl_" in inputs[name]
                 inputs[name] = (mask_image if name == "image" and mask_image else
-                                "tiny_inpaint.safetensors" if inpainting else value)
+                                "tiny_inpaint.safetensors" if inpainting else
+                                "tiny_sdxl.safetensors" if sdxl else value)
         if node["class_type"] == "EmptyLatentImage":
             inputs.update(width=64, height=64)
         if node["class_type"] == "KSampler":
             inputs.update(steps=2)
         if node["class_type"] in ("SefiTrainIdentity", "PVAFineTuneIdentity"):
             inputs.update(steps=2, resolution=64, overwrite=True)
+        if node["class_type"] == "SefiTrainIdentity" and on_sdxl:
+            inputs.update(kv_pairs="1", preview_every=0)  # fewer encodes through SDXL's 32-layer bigG on the CPU
         if node["class_type"] == "PVATrainEncoder":
             inputs.update(steps=1, resolution=64, batch_size=1, accumulation=1, timesteps_per_sample=1, resume=False,
                           name=f"workflow_encoder_{uuid.uuid4().hex[:8]}")

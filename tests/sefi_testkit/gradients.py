@@ -35,10 +35,10 @@ def fixed_batch(host, trainer, vae, t: int, resolution: int):
     return train.Batch(latent, mask, t, TEMPLATE, noise)
 
 
-def perturbed_mapper(host, class_embedding: torch.Tensor):
+def perturbed_mapper(host, class_embedding: torch.Tensor, widths=None):
     """A mapper away from its start (where the attention loss and its gradient are exactly zero)."""
     torch.manual_seed(5)
-    mapper = host.module("sefi_core.sefi.mapper").TokenMapper(class_embedding, 5)
+    mapper = host.module("sefi_core.sefi.mapper").TokenMapper(class_embedding, 5, widths=widths)
     torch.nn.init.normal_(mapper.out.weight, std=1.0)
     return mapper
 
@@ -51,7 +51,7 @@ def mapper_gradients(host, setup: gpu.DtypeSetup, t: int, resolution: int = 64, 
     with host_trainer(host, setup, preset) as (trainer, clip, vae):
         batch = fixed_batch(host, trainer, vae, t, resolution)
         trainer.find_loss_layers(batch.latent)
-        mapper = perturbed_mapper(host, trainer.class_embedding).to(trainer.device)
+        mapper = perturbed_mapper(host, trainer.class_embedding, trainer.token_widths).to(trainer.device)
         l_kv, l_attn = train.loss_terms(mapper, batch, trainer.encode_kv, trainer.denoise, train.even_boundaries(5))
         scaler = loss_scaler(trainer.device, trainer.dtype if loss_scaling else torch.float32)
         params = list(mapper.parameters())

@@ -17,11 +17,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CKPT = {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}
+SDXL_CKPT = {"ckpt_name": "sd_xl_base_1.0.safetensors"}
 # Each model a workflow loads, as its first Note names it: folder, what it is, size, where the official copy is, licence
 # (the README's Models table says the same, with links).
 MODELS = {
     "v1-5-pruned-emaonly.safetensors": "checkpoints/v1-5-pruned-emaonly.safetensors (Stable Diffusion 1.5, 4.3 GB, "
                                        "Hugging Face Comfy-Org/stable-diffusion-v1-5-archive; CreativeML OpenRAIL-M)",
+    "sd_xl_base_1.0.safetensors": "checkpoints/sd_xl_base_1.0.safetensors (SDXL 1.0 base, 6.9 GB, Hugging Face "
+                                  "stabilityai/stable-diffusion-xl-base-1.0; CreativeML Open RAIL++-M)",
     "sd-v1-5-inpainting.ckpt": "checkpoints/sd-v1-5-inpainting.ckpt (SD 1.5 inpainting, 4.3 GB, Hugging Face "
                                "stable-diffusion-v1-5/stable-diffusion-inpainting; CreativeML OpenRAIL-M)",
     "ms1mv3_arcface_r50.pth": "face_recognizers/ms1mv3_arcface_r50.pth (ArcFace r50, 175 MB: InsightFace's "
@@ -40,6 +43,7 @@ def models_note(*files: str) -> str:
 
 NEGATIVE = "blurry, lowres, deformed, watermark, text"
 SAMPLER = {"seed": 42, "steps": 50, "cfg": 7.5, "sampler_name": "ddim", "scheduler": "ddim_uniform", "denoise": 1.0}
+SDXL_SAMPLER = {"seed": 42, "steps": 30, "cfg": 7.0, "sampler_name": "dpmpp_2m", "scheduler": "karras", "denoise": 1.0}
 APPLY = {"trigger": "", "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}
 
 
@@ -70,12 +74,13 @@ def workflows(Node, Note) -> dict[str, list]:
 
     ckpt = Node(1, "CheckpointLoaderSimple", (0, ROW), CKPT, size=(320, 100))
     m, c, v = (1, 0), (1, 1), (1, 2)
-    latent = lambda i, pos: Node(i, "EmptyLatentImage", pos, {"width": 512, "height": 512, "batch_size": 1}, size=(300, 110))
+    latent = lambda i, pos, side=512: Node(i, "EmptyLatentImage", pos, {"width": side, "height": side, "batch_size": 1},
+                                           size=(300, 110))
     negative = lambda i, pos, clip, width=300: Node(i, "CLIPTextEncode", pos, {"text": NEGATIVE}, {"clip": clip},
                                                     size=(width, 100), title="Negative prompt")
     positive = lambda i, pos, clip, text, title=None, width=360: Node(i, "CLIPTextEncode", pos, {"text": text},
                                                                       {"clip": clip}, size=(width, 130), title=title)
-    sampler = lambda i, pos, links: Node(i, "KSampler", pos, SAMPLER, links, size=(280, 262))
+    sampler = lambda i, pos, links, settings=SAMPLER: Node(i, "KSampler", pos, settings, links, size=(280, 262))
     decode = lambda i, pos, samples, vae: Node(i, "VAEDecode", pos, {}, {"samples": samples, "vae": vae}, size=(160, 50))
     save = lambda i, pos, images, prefix, size=(280, 280): Node(i, "SaveImage", pos, {"filename_prefix": prefix},
                                                                  {"images": images}, size=size)
@@ -92,10 +97,10 @@ def workflows(Node, Note) -> dict[str, list]:
     vae_over_the_top = lambda x: (1, 2, [(340, top), (x - 24, top)])
     out = {}
 
-    def train_and_generate(training: dict) -> list:
-        """Checkpoint and photo -> SeFi Train Identity (`training`: its widgets) -> Apply -> generate."""
+    def train_and_generate(training: dict, checkpoint=ckpt, side=512, settings=SAMPLER) -> list:
+        """Checkpoint and photo -> SeFi Train Identity (`training`: its widgets) -> Apply -> generate at `side` px."""
         return [
-            ckpt,
+            checkpoint,
             Node(2, "LoadImage", (0, ROW + 150), {"image": "example.png"}, size=(320, 360)),
             Node(3, "SefiTrainIdentity", (360, ROW), {"trigger": "sks", "class_word": "person", **training},
                  {"model": m, "clip": c, "vae": v, "image": (2, 0)}, size=(320, 640)),
@@ -104,8 +109,9 @@ def workflows(Node, Note) -> dict[str, list]:
                  size=(300, 280), title="Training previews"),
             positive(20, (1060, ROW), (5, 1), "a photo of sks as an old man playing guitar in Paris", width=320),
             negative(7, (1060, ROW + 170), (5, 1), width=320),
-            latent(8, (1060, ROW + 320)),
-            sampler(21, (1420, ROW), {"model": (5, 0), "positive": (20, 0), "negative": (7, 0), "latent_image": (8, 0)}),
+            latent(8, (1060, ROW + 320), side),
+            sampler(21, (1420, ROW), {"model": (5, 0), "positive": (20, 0), "negative": (7, 0), "latent_image": (8, 0)},
+                    settings),
             decode(22, (1740, ROW), (21, 0), vae_over_the_top(1740)),
             save(23, (1940, ROW), (22, 0), "sefi_train", size=(260, 300)),
         ]
@@ -212,6 +218,20 @@ def workflows(Node, Note) -> dict[str, list]:
              "file or lower strength. Cancel stops and saves nothing: the identity and its state stay as they were.",
              size=(700, NOTE_HEIGHT)),
         *train_and_generate({"name": "my_identity_more", "continue_from": "my_identity.safetensors"}),
+    ]
+
+    out["10_sdxl_train_and_generate"] = [
+        Note(100, (0, 0), "1. Train an identity on SDXL\n\nLoad an SDXL checkpoint (SDXL 1.0 base or a fine-tune of it: "
+             "Pony, Illustrious, NoobAI, merges) and ONE photo. SeFi Train Identity learns ten tokens for both of SDXL's "
+             "text encoders (~80 KB) at 1024 px (resolution 0: the model's own size) in about 1000 steps and saves "
+             "my_sdxl_identity. If the GPU runs out of memory, gradient checkpointing switches itself on ('auto').\n"
+             + models_note(SDXL_CKPT["ckpt_name"]), size=(680, NOTE_HEIGHT)),
+        Note(101, (720, 0), "2. Generate at 1024 px\n\nAs on SD1.x: write the trigger 'sks' in any prompt. An SDXL "
+             "identity works on SDXL models (the base and its fine-tunes), an SD1.x identity on SD1.x models; the "
+             "other family's is refused with a message. CLIP Text Encode SDXL takes the trigger too.",
+             size=(700, NOTE_HEIGHT)),
+        *train_and_generate({"name": "my_sdxl_identity"}, Node(1, "CheckpointLoaderSimple", (0, ROW), SDXL_CKPT,
+                                                                size=(320, 100)), 1024, SDXL_SAMPLER),
     ]
     return out
 

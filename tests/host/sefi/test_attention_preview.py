@@ -34,18 +34,27 @@ def record_projection_inputs(model):
     return records, handles
 
 
-def test_maps_equal_an_independent_softmax_qk_computation(host):
-    model, clip, vae = host.load_checkpoint("tiny.safetensors")
+HALF = "1/2 latent (32x32 at 512 px, the paper's)"
+
+
+@pytest.mark.parametrize("preset, layers, count", [
+    ("tiny", FULL, 4),  # every cross-attention layer of the tiny model
+    ("tiny_sdxl", HALF, 4),  # SDXL has none at the latent's own size; at half of it, input_blocks.4-5's four
+], ids=["sd1", "sdxl"])
+def test_maps_equal_an_independent_softmax_qk_computation(host, preset, layers, count):
+    model, clip, vae = host.load_checkpoint(host.checkpoint(preset))
     prompt = "a photo of a cat holding a cup"
     records, handles = record_projection_inputs(model)
     try:
-        picture, masks = preview(host, model, clip, vae, prompt, words="cat, cup")
+        picture, masks = preview(host, model, clip, vae, prompt, words="cat, cup", layers=layers)
     finally:
         for h in handles:
             h.remove()
     chunk = clip.tokenize(prompt)["l"][0]
     ids = [t for t, *_ in chunk]
     positions = [ids.index(clip.tokenize(w)["l"][0][1][0]) for w in ("cat", "cup")]
+    side = 64 // 8 // (2 if layers == HALF else 1)
+    records = [rec for rec in records if rec["x"].shape[1] == side * side]  # the layers of the chosen grid
     per_layer = []
     for rec in records:
         attn = rec["module"]
@@ -59,7 +68,7 @@ def test_maps_equal_an_independent_softmax_qk_computation(host):
         per_layer.append(F.interpolate(grids, size=(64, 64), mode="bilinear", align_corners=False)[:, 0])
     expected = torch.stack(per_layer).mean(0)
     expected = expected / expected.max()
-    assert len(records) == 4  # every cross-attention layer of the tiny model
+    assert len(records) == count
     assert masks.shape == (2, 64, 64)
     torch.testing.assert_close(masks, expected, rtol=1e-3, atol=1e-4)
     assert picture.shape == (1, 256 + LABEL_HEIGHT + COLOUR_BAR_HEIGHT, 512, 3)

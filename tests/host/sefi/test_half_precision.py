@@ -11,15 +11,16 @@ from sefi_testkit import probe
 from sefi_testkit.gradients import LAMBDA, TEMPLATE, agreement, host_trainer, mapper_gradients
 
 
-def pipeline_graph(name: str, checkpointing: str = "auto") -> dict:
+def pipeline_graph(name: str, checkpointing: str = "auto", checkpoint: str = "tiny.safetensors", kv_pairs: str = "5",
+                   layers: str = "all layers") -> dict:
     """Train (a few steps) -> Apply -> sample -> decode -> save, and the attention preview on the result."""
     return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
         "2": {"class_type": "LoadImage", "inputs": {"image": "astronaut.png"}},
         "3": {"class_type": "SefiTrainIdentity", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "image": ["2", 0], "name": name, "trigger": "sks",
             "class_word": "person", "steps": 3, "learning_rate": 0.005, "attention_weight": LAMBDA, "seed": 0,
-            "resolution": 64, "kv_pairs": "5", "attention_loss": "all tokens (#3, paper)", "overwrite": True,
+            "resolution": 64, "kv_pairs": kv_pairs, "attention_loss": "all tokens (#3, paper)", "overwrite": True,
             "gradient_checkpointing": checkpointing}},
         "4": {"class_type": "SefiApplyStageTokens", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "identity": ["3", 0], "trigger": "", "strength": 1.0,
@@ -34,7 +35,7 @@ def pipeline_graph(name: str, checkpointing: str = "auto") -> dict:
         "10": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["1", 2]}},
         "11": {"class_type": "SefiAttentionMapPreview", "inputs": {
             "model": ["4", 0], "clip": ["4", 1], "prompt": "a photo of sks laughing", "words": "sks, photo",
-            "at_percent": 0.5, "layers": "all layers", "seed": 0, "image": ["10", 0], "vae": ["1", 2]}},
+            "at_percent": 0.5, "layers": layers, "seed": 0, "image": ["10", 0], "vae": ["1", 2]}},
         "12": {"class_type": "PreviewImage", "inputs": {"images": ["11", 0]}},
     }
 
@@ -55,6 +56,24 @@ def test_train_save_load_apply_sample_and_preview_in_each_dtype_setup(host, setu
         loaded = host.run(probe.txt2img_graph("a photo of sks in Paris", "blurry", identity=f"{name}.safetensors"))
         assert loaded.success, loaded.error
         assert torch.isfinite(probe.saved_latent(host, loaded)).all()
+
+
+@pytest.mark.parametrize("setup", [gpu.FP16_SDPA, gpu.BF16_SDPA], ids=str)
+def test_sdxl_trains_applies_samples_and_previews_in_half_precision(host, setup):
+    """SDXL as artists run it: the UNet in fp16 (loss scaling on, checkpointing on) or bf16, through the whole graph;
+    one K/V pair, which keeps the bigG encodes few on this CPU."""
+    with gpu.emulate(setup):
+        model, _, _ = host.load_checkpoint(host.checkpoint("tiny_sdxl"))
+        assert host.module("nodes.training").compute_dtype(model) == setup.compute
+        name = f"half_sdxl_{setup.name}"
+        graph = pipeline_graph(name, "on" if setup is gpu.FP16_SDPA else "auto", "tiny_sdxl.safetensors", "1",
+                               "1/2 latent (32x32 at 512 px, the paper's)")
+        trained = host.run(graph)
+        assert trained.success, trained.error
+        identity = load_identity(host.identity_dir / f"{name}.safetensors")
+        assert identity.family == "sdxl" and torch.isfinite(torch.cat([identity.k_tokens, identity.v_tokens])).all()
+        assert torch.isfinite(probe.saved_latent(host, trained, "9")).all()
+        assert trained.outputs["12"]["images"], "no attention preview"
 
 
 def skip_512_px_where_fp16_is_slow():
@@ -84,6 +103,17 @@ def test_half_precision_mapper_gradients_match_fp32(host, setup, resolution, t):
     assert scaled == (setup.compute == torch.float16)
     assert attn_loss_32 > 0 and all(g.norm() > 0 for g in reference)
     assert_matches(reference, half, f"{setup} at {resolution} px, t={t}")
+    assert loss_h == pytest.approx(loss_32, rel=0.02)
+
+
+@pytest.mark.parametrize("setup", [gpu.FP16_SDPA, gpu.BF16_SDPA], ids=str)
+def test_sdxl_half_precision_mapper_gradients_match_fp32(host, setup):
+    """On SDXL, with CLIP-L's and bigG's parts of the tokens, and `y` in the UNet."""
+    reference, loss_32, attn_loss_32, _, _ = mapper_gradients(host, gpu.CPU_FP32, 700, 64, preset="tiny_sdxl")
+    half, loss_h, _, scaled, dtype = mapper_gradients(host, setup, 700, 64, preset="tiny_sdxl")
+    assert (scaled, dtype) == (setup.compute == torch.float16, setup.compute)
+    assert attn_loss_32 > 0 and all(g.norm() > 0 for g in reference)
+    assert_matches(reference, half, f"SDXL, {setup} at 64 px, t=700")
     assert loss_h == pytest.approx(loss_32, rel=0.02)
 
 
