@@ -264,7 +264,7 @@ def test_workflow_opens_ready_to_read(path, version):
         assert rect(nodes[source])[2] <= rect(nodes[target])[0], f"link {link_id} runs right to left"
 
 
-@pytest.mark.parametrize("path", WORKFLOWS[1:], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", WORKFLOWS[1:9], ids=lambda p: p.stem)  # 1 and 10 make their own identity
 def test_workflows_with_saved_files_say_which_and_how_to_make_them(host, path):
     """The first Note names every file the workflow's loaders pick and what makes it."""
     workflow = load(path)

@@ -229,6 +229,7 @@ class Host:
         cache from earlier runs, as a long-running ComfyUI would."""
         if fresh:
             self.executor.reset()
+            gc.collect()  # the models of earlier runs (see load_checkpoint)
         self.progress.clear()
         self.previews.clear()
         self.server.events.clear()
