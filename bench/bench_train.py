@@ -4,8 +4,10 @@ checkpointing; plus the time for 1000 steps and peak memory. Every set-up runs i
 memory is its own.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/bench_train.py [--resolution 512] [--steps 3] [--full-run 1000]
+    COMFYUI_PATH=... python bench/bench_train.py --preset sdxl_layout --resolution 256 --setups fp32 --checkpointing off
 
-Builds an SD1.5-size random-weight checkpoint (nothing is downloaded) and trains through the real host. On a CPU
+Builds an SD1.5-size random-weight checkpoint (nothing is downloaded) and trains through the real host; --preset picks
+another (sdxl_layout: SDXL's blocks and both its text encoders at full size, the UNet at 320 channels throughout). On a CPU
 the GPU set-ups are emulated through the host's own flags (tests/sefi_testkit/gpu_emulation.py); on CUDA they are
 the host's real choices. Goals: step ratio <= 1.10; on an H100, 1000 steps in <= 40 s and <= 4 GiB peak at 512 px.
 Absolute times only mean something on the machine printed with them.
@@ -85,12 +87,18 @@ def measure(args) -> dict:
             def run(steps):
                 return train.train_tokens(train.TrainSettings(steps=steps, resolution=args.resolution), cls, samples,
                                           trainer.encode_kv, trainer.denoise, device=trainer.device,
-                                          compute_dtype=trainer.dtype)
+                                          compute_dtype=trainer.dtype, widths=trainer.token_widths)
 
             def plain_unet():  # forward+backward to the input, nothing else
                 x = latent.clone().requires_grad_(True)
                 context = trainer.reference(0)
-                trainer._apply(x, noise, 500, context, context).float().pow(2).mean().backward()
+                y = trainer.adm(0, latent)  # SDXL's pooled and size embeddings; None on SD1.x
+                trainer._apply(x, noise, 500, context, context, y).float().pow(2).mean().backward()
+
+            def text_encoders():  # the K and V prompts through the text encoder(s), forward and backward to the tokens
+                k_token, v_token = (cls.clone().to(trainer.device).requires_grad_(True) for _ in range(2))
+                k_context, v_context = trainer.encode_kv(0, k_token, v_token)
+                (k_context.float().sum() + v_context.float().sum()).backward()
 
             weights = [t for m in (model.model.diffusion_model, clip.cond_stage_model) for t in m.parameters()]
 
@@ -109,6 +117,7 @@ def measure(args) -> dict:
             peak_gpu = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
             plain = clock(plain_unet, args.steps)
             copies = clock(weight_copies, max(args.steps, 3))
+            encoders = clock(text_encoders, args.steps)
             full = None
             if args.full_run:
                 synchronize()
@@ -120,7 +129,7 @@ def measure(args) -> dict:
     name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else \
         f"CPU ({torch.get_num_threads()} threads)"
     return {"setup": setup.name, "checkpointing": args.checkpointing, "device": name, "step_s": step, "plain_s": plain,
-            "weight_copies_s": copies, "full_run": args.full_run, "full_s": full, "peak_gpu_gib": peak_gpu,
+            "weight_copies_s": copies, "text_encoders_s": encoders, "full_run": args.full_run, "full_s": full, "peak_gpu_gib": peak_gpu,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
 
 
@@ -177,11 +186,12 @@ def run_children(args, modes, work_dir):
             measured[setup, mode] = json.loads(line[7:])
             print(report(measured[setup, mode], args.resolution), flush=True)
     if measured:
-        results.save("bench_train", vars(args), {f"{s} ckpt {m}": r for (s, m), r in measured.items()},
-                     rows(measured, args.resolution))
+        name = "bench_train" if args.preset == "sd15_size" else f"bench_train-{args.preset}-{args.resolution}px"
+        results.save(name, vars(args), {f"{s} ckpt {m}": r for (s, m), r in measured.items()},
+                     rows(measured, args.resolution, args.preset))
 
 
-def rows(measured: dict, resolution: int) -> list[tuple[str, str]]:
+def rows(measured: dict, resolution: int, preset: str = "sd15_size") -> list[tuple[str, str]]:
     """The README's lines: per set-up, the step over the plain UNet pass (both without checkpointing), what gradient
     checkpointing costs and saves (against the same set-up without it), the weight copies' share and 1000 steps."""
     out = []
@@ -191,9 +201,12 @@ def rows(measured: dict, resolution: int) -> list[tuple[str, str]]:
         memory = lambda r: f"{r['peak_gpu_gib']:.1f} GiB VRAM" if r["peak_gpu_gib"] is not None else \
             f"{r['peak_rss_gib']:.1f} GiB RSS"
         if off:
-            out.append((f"training step / plain UNet forward+backward, {resolution} px, {name}",
+            model = "" if preset == "sd15_size" else f", {preset}"
+            encoders = "" if preset == "sd15_size" else \
+                f"the K/V prompts through the text encoders {100 * off['text_encoders_s'] / off['step_s']:.0f}% of a step; "
+            out.append((f"training step / plain UNet forward+backward, {resolution} px, {name}{model}",
                         f"{off['step_s'] / off['plain_s']:.2f} (goal <= 1.10); {off['step_s']:.1f} s a step, 1000 steps "
-                        f"{off['step_s'] * 1000 / 3600:.1f} h from it; weight copies "
+                        f"{off['step_s'] * 1000 / 3600:.1f} h from it; {encoders}weight copies "
                         f"{100 * off['weight_copies_s'] / off['step_s']:.1f}% of a step; peak {memory(off)}"))
         if off and on:
             out.append((f"gradient checkpointing, {resolution} px, {name}: step with / without it",

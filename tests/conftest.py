@@ -61,6 +61,11 @@ LONGEST_FILES = ("host/pva/test_train_encoder_command.py", "host/sefi/test_half_
                  "host/test_workflows.py", "host/sefi/test_training_matches_apply.py")
 
 
+def is_sdxl(nodeid: str) -> bool:
+    """A test on the tiny SDXL checkpoint (its name or parameters say so)."""
+    return "sdxl" in nodeid
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests that use the host carry the `host` marker: `-m "not host"` runs only the host-free part."""
     for item in items:
@@ -68,8 +73,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.host)
     if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
         rank = {name: k for k, name in enumerate(LONGEST_FILES)}
-        key = lambda item: rank.get(Path(item.path).relative_to(TESTS_DIR).as_posix(), len(LONGEST_FILES))
+        key = lambda item: -1 if is_sdxl(item.nodeid) else \
+            rank.get(Path(item.path).relative_to(TESTS_DIR).as_posix(), len(LONGEST_FILES))
         items.sort(key=key)  # stable: file order kept otherwise
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, with every SDXL test in one unit handed out first: a process training on SDXL peaks near
+    10 GB (the 32-layer bigG's weights are kept for the backward pass, the 2048-wide mapper has Adam's moments), so
+    the two workers must not both do it at once on a 24 GB machine. The unit is the longest, hence first."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SdxlTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            return "sdxl" if is_sdxl(nodeid) else super()._split_scope(nodeid)
+
+    return SdxlTogether(config, log)
 
 
 @pytest.fixture(scope="session")

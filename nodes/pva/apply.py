@@ -25,7 +25,8 @@ def clip_with_word(clip, trigger: str, word: torch.Tensor):
     word (what the fine-tune put in the trigger's slot). `clip` itself is not changed."""
     patched = clip.clone()
     patched.tokenizer = TriggerTokenizer.with_trigger(
-        clip.tokenizer, word_token_ids(clip, trigger), {token_key(clip): {"type": "embedding", "data": word}}, trigger,
+        clip.tokenizer, word_token_ids(clip, trigger), {token_key(clip): {"type": "embedding", "data": word}},
+        trigger,
         "PVA Apply teaches a CLIP one learned word per trigger: connect a CLIP that does not know this one yet (the "
         "CLIP of Load Checkpoint), and give a SeFi identity on the same CLIP another trigger word.")
     return patched

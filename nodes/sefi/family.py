@@ -34,8 +34,8 @@ def sefi_family(model, clip, node: str) -> str:
     keys = token_keys(clip)
     if keys != TEXT_ENCODER_KEYS[family] or token_widths(clip) != FAMILIES[family]:
         found = type(clip.cond_stage_model).__name__
-        raise ValueError(f"{node}: the MODEL is {FAMILY_NAMES[family]}, whose text encoders are {TEXT_ENCODERS[family]}, "
-                         f"but the CLIP is {found}. Connect the CLIP output of the same {FAMILY_NAMES[family]} "
+        raise ValueError(f"{node}: the MODEL is {FAMILY_NAMES[family]}, whose text encoders are "
+                         f"{TEXT_ENCODERS[family]}, but the CLIP is {found}. Connect the CLIP output of the same {FAMILY_NAMES[family]} "
                          "checkpoint as the MODEL.")
     return family
 

@@ -53,7 +53,8 @@ class SefiEncode:
     SDXL's encoder takes two token lists, CLIP-L's ("l") and bigG's ("g"), and concatenates their outputs per token:
     both are batched the same way, so that the K and V contexts hold each encoder's part of the identity. An encoder
     whose prompt has no trigger (CLIPTextEncodeSDXL lets each have its own) encodes its prompt unchanged in every
-    variant. The pooled output is the base prompt's (the host pools the first chunk): see `plain_pooled`."""
+    variant. The pooled output is the class-word prompt's, as the host pools the batch's first chunk (why that is right:
+    nodes/sefi/training.py)."""
 
     def __init__(self, original, keys: tuple[str, ...]):
         self.original, self.keys = original, keys
@@ -65,20 +66,14 @@ class SefiEncode:
         if not planned:
             return self.original(token_weight_pairs)
         segments = _shared_segments(plans, token_weight_pairs)
+        count = len(segments.stages)
         chunk_count = min(len(token_weight_pairs[key]) for key in present)  # SDXL's encoder cuts to the shorter
-        batch = {}
-        for key in present:
-            plan = plans[key]
-            if plan is None:
-                parts = [token_weight_pairs[key]] * (1 + 2 * len(segments.stages))
-            else:
-                parts = [plan.base] + [c for g in range(len(segments.stages)) for c in (plan.keys[g], plan.values[g])]
-            batch[key] = [chunk for part in parts for chunk in part[:chunk_count]]
+        batch = {key: _variant_chunks(token_weight_pairs[key], plans[key], count, chunk_count) for key in present}
         out = self.original({**token_weight_pairs, **batch})
         cond, pooled = out[:2]  # cond (1, (1 + 2G) * L, C): base, then per segment its K and V prompts
-        count = len(segments.stages)
         length = cond.shape[1] // (1 + 2 * count)
-        variants = cond[:, length:].reshape(1, count, 2, length, cond.shape[2]).permute(1, 2, 0, 3, 4)  # (G, 2, 1, L, C)
+        variants = cond[:, length:].reshape(1, count, 2, length, cond.shape[2])
+        variants = variants.permute(1, 2, 0, 3, 4)  # (G, 2, 1, L, C)
         extra = {k: (v[:, :length] if torch.is_tensor(v) and v.ndim >= 2 and v.shape[1] == cond.shape[1] else v)
                  for k, v in (out[2] if len(out) > 2 else {}).items()}
         triggers = list(dict.fromkeys(slot.trigger for key in present for slot in
@@ -87,6 +82,16 @@ class SefiEncode:
             pooled = IdentityContext.pooled_output(pooled, segments.cuts, triggers)
         return (IdentityContext(cond[:, :length], variants, segments.cuts, triggers), pooled,
                 *([extra] if extra else []))
+
+
+def _variant_chunks(chunks: list, plan, segments: int, chunk_count: int) -> list:
+    """One encoder's batch: the base prompt, then per segment its K and V prompts (the prompt itself in each, for an
+    encoder whose prompt has no trigger), each cut to `chunk_count` chunks."""
+    if plan is None:
+        parts = [chunks] * (1 + 2 * segments)
+    else:
+        parts = [plan.base] + [c for g in range(segments) for c in (plan.keys[g], plan.values[g])]
+    return [chunk for part in parts for chunk in part[:chunk_count]]
 
 
 def _shared_segments(plans: dict, token_weight_pairs: dict):
@@ -107,7 +112,8 @@ def patch_clip(clip, ids: tuple[int, ...], slots: dict[str, IdentitySlot]):
     """A clone of `clip` that encodes the trigger (token ids `ids`) as the identity: `slots` holds, per text encoder's
     token key, the identity's part that encoder reads. `clip` itself is not changed."""
     patched = clip.clone()
-    markers = {key: {"type": "embedding", "data": slot.class_embedding, MARKER_KEY: slot} for key, slot in slots.items()}
+    markers = {key: {"type": "embedding", "data": slot.class_embedding, MARKER_KEY: slot}
+               for key, slot in slots.items()}
     trigger = next(iter(slots.values())).trigger
     patched.tokenizer = TriggerTokenizer.with_trigger(
         clip.tokenizer, ids, markers, trigger,

@@ -166,8 +166,8 @@ class SefiTrainIdentity(io.ComfyNode):
             is_output_node=True,
             is_input_list=True,  # several photos of different sizes arrive as a list; see single_values
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.x or SDXL model to train on (not an inpainting checkpoint). The "
-                                                "identity works on that family's models."),
+                io.Model.Input("model", tooltip="The SD1.x or SDXL model to train on (not an inpainting checkpoint). "
+                                                "The identity works on that family's models."),
                 io.Clip.Input("clip", tooltip="The CLIP of the same checkpoint."),
                 io.Vae.Input("vae", tooltip="The VAE of the same checkpoint; encodes the photo."),
                 io.Image.Input("image", tooltip="One photo of the subject, or several of the same subject (a batch, "

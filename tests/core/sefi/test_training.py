@@ -210,6 +210,30 @@ def test_one_adam_step_moves_a_token_by_at_most_lr_times_its_size_per_dimension(
     assert 0 < moved <= 0.005 * cls.norm() * 1.01
 
 
+def test_sdxl_mapper_starts_at_the_class_word_in_both_encoders_and_moves_each_part_by_its_own_size():
+    """SDXL: CLIP-L's 768 then bigG's 1280 side by side, of different sizes (bigG's word embeddings are smaller).
+    Adam's first step moves each part by at most lr times its own class embedding's size, per dimension."""
+    g = torch.Generator().manual_seed(3)
+    l_part, g_part = torch.randn(768, generator=g) * 0.03, torch.randn(1280, generator=g) * 0.005
+    cls = torch.cat([l_part, g_part])
+    mapper = TokenMapper(cls, 5, widths=(768, 1280))
+    k, v = mapper()
+    assert k.shape == (5, 2048) and torch.equal(k, cls.expand_as(k)) and torch.equal(v, cls.expand_as(v))
+    optimizer = torch.optim.Adam(mapper.parameters(), lr=0.005)
+    (k.sum() - v.pow(2).sum()).backward()
+    optimizer.step()
+    with torch.no_grad():
+        moved = (torch.cat(mapper()) - cls).abs()
+    for part, size in ((moved[:, :768], l_part.norm()), (moved[:, 768:], g_part.norm())):
+        assert 0 < part.max() <= 0.005 * size * 1.01
+    assert moved[:, 768:].max() < 0.5 * moved[:, :768].max()  # the smaller part moves less: scaled by its own size
+
+
+def test_widths_that_do_not_add_up_to_the_embedding_are_refused():
+    with pytest.raises(ValueError, match=r"token widths \(768, 1024\) do not add up to the class embedding's 2048"):
+        TokenMapper(torch.zeros(2048), 5, widths=(768, 1024))
+
+
 def _pushing_host():
     """A fake host whose loss keeps falling as the tokens grow: Adam pushes them without limit."""
     samples = [(torch.zeros(1, 4, 4, 4), torch.ones(1, 1, 4, 4))]

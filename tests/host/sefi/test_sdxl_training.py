@@ -2,7 +2,6 @@
 loss is taken, and the node's features as on SD1.x: several photos, a subject mask, previews, the saved family, and
 continuing a run to exactly where one long run ends. One K/V pair and 128 px keep the bigG encodes few on the CPU;
 the stages themselves are tested on SDXL in test_training_matches_apply."""
-import pytest
 import torch
 
 from sefi_core.sefi.identity import load_identity
@@ -68,7 +67,7 @@ def test_photos_mask_and_previews_train_an_sdxl_identity_that_continues_like_one
     assert (host.identity_dir / "sdxl_first.safetensors").stat().st_size < 40_000
 
     continued = run("sdxl_continued", 1, continue_from="sdxl_first.safetensors", preview_every=0)
-    whole = run("sdxl_whole", 3, preview_every=0)
+    run("sdxl_whole", 3, preview_every=0)
     rest, long_run = (load_identity(host.identity_dir / f"{n}.safetensors") for n in ("sdxl_continued", "sdxl_whole"))
     assert continued.result[0].family == "sdxl"
     assert torch.equal(rest.k_tokens, long_run.k_tokens) and torch.equal(rest.v_tokens, long_run.v_tokens)
