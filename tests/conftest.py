@@ -40,6 +40,8 @@ class _RepoRootAsPlainDir:
 
 def pytest_configure(config):
     config.pluginmanager.register(_RepoRootAsPlainDir(), "sefi-repo-root-dir")
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_SdxlOnOneWorker(), "sefi-sdxl-on-one-worker")
     config.addinivalue_line("markers", "host: runs against the real ComfyUI at $COMFYUI_PATH")
 
 
@@ -78,19 +80,23 @@ def pytest_collection_modifyitems(config, items):
         items.sort(key=key)  # stable: file order kept otherwise
 
 
-def pytest_xdist_make_scheduler(config, log):
+class _SdxlOnOneWorker:
     """`--dist loadfile`, with every SDXL test in one unit handed out first: a process training on SDXL peaks near
     10 GB (the 32-layer bigG's weights are kept for the backward pass, the 2048-wide mapper has Adam's moments), so
-    the two workers must not both do it at once on a 24 GB machine. The unit is the longest, hence first."""
-    if config.getoption("dist") != "loadfile":
-        return None
-    from xdist.scheduler import LoadFileScheduling
+    the two workers must not both do it at once on a 24 GB machine. The unit is the longest, hence first. Registered
+    only where pytest-xdist is installed (pytest refuses a hook it does not know)."""
 
-    class SdxlTogether(LoadFileScheduling):
-        def _split_scope(self, nodeid):
-            return "sdxl" if is_sdxl(nodeid) else super()._split_scope(nodeid)
+    @staticmethod
+    def pytest_xdist_make_scheduler(config, log):
+        if config.getoption("dist") != "loadfile":
+            return None
+        from xdist.scheduler import LoadFileScheduling
 
-    return SdxlTogether(config, log)
+        class SdxlTogether(LoadFileScheduling):
+            def _split_scope(self, nodeid):
+                return "sdxl" if is_sdxl(nodeid) else super()._split_scope(nodeid)
+
+        return SdxlTogether(config, log)
 
 
 @pytest.fixture(scope="session")
