@@ -200,14 +200,20 @@ def rows(measured: dict, resolution: int, preset: str = "sd15_size") -> list[tup
         name = (off or on)["setup"]
         memory = lambda r: f"{r['peak_gpu_gib']:.1f} GiB VRAM" if r["peak_gpu_gib"] is not None else \
             f"{r['peak_rss_gib']:.1f} GiB RSS"
+        model = "" if preset == "sd15_size" else f", {preset}"
         if off:
-            model = "" if preset == "sd15_size" else f", {preset}"
             encoders = "" if preset == "sd15_size" else \
                 f"the K/V prompts through the text encoders {100 * off['text_encoders_s'] / off['step_s']:.0f}% of a step; "
             out.append((f"training step / plain UNet forward+backward, {resolution} px, {name}{model}",
                         f"{off['step_s'] / off['plain_s']:.2f} (goal <= 1.10); {off['step_s']:.1f} s a step, 1000 steps "
                         f"{off['step_s'] * 1000 / 3600:.1f} h from it; {encoders}weight copies "
                         f"{100 * off['weight_copies_s'] / off['step_s']:.1f}% of a step; peak {memory(off)}"))
+        elif on:  # checkpointing on alone: the step and the plain pass both recompute
+            out.append((f"training step / plain UNet forward+backward, both with gradient checkpointing, {resolution} px, "
+                        f"{name}{model}",
+                        f"{on['step_s'] / on['plain_s']:.2f} (goal <= 1.10); {on['step_s']:.1f} s a step; the K/V prompts "
+                        f"through the text encoders {100 * on['text_encoders_s'] / on['step_s']:.1f}% of a step; peak "
+                        f"{memory(on)}"))
         if off and on:
             out.append((f"gradient checkpointing, {resolution} px, {name}: step with / without it",
                         f"{on['step_s'] / off['step_s']:.2f} (more time); peak {memory(on)} instead of {memory(off)}"))
