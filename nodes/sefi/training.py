@@ -126,10 +126,10 @@ class HostTrainer(TrainingClones):
         nearest size a model has; found with one forward pass.
 
         On SDXL that is its highest-resolution attention (64x64 at 1024 px, SDXL has none at the latent's own size):
-        the 10 layers of the second level (input_blocks.4-5 and output_blocks.3-5, two transformer blocks each). They
-        are where the paper's rule puts the loss for the reason it gives: at half the latent size a face spans
-        enough positions for its attention map to have a shape, which the loss keeps like the class word's. The 60
-        layers at a quarter of the latent (32x32) see the face as a few positions and cost six times as many maps."""
+        the 10 layers of the second level (input_blocks.4-5 and output_blocks.3-5, two transformer blocks each), where
+        the paper's rule (half the latent size) puts the loss. There a face spans enough positions for its attention map
+        to have a shape, which the loss keeps like the class word's; the 60 layers at a quarter of the latent (32x32)
+        see the face as a few positions and would cost six times as many maps."""
         sizes = {}
         modules = [m for name, m in self.model.model.diffusion_model.named_modules() if name.endswith("attn2")]
 
