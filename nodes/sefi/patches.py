@@ -102,8 +102,8 @@ def _shared_segments(plans: dict, token_weight_pairs: dict):
     first_key = next(iter(planned))
     for key, plan in planned.items():
         if triggers[key] != triggers[first_key] or plan.segments != planned[first_key].segments:
-            raise ValueError(f"SeFi: the CLIP-L prompt (text_l) and the bigG prompt (text_g) name different identities "
-                             f"({', '.join(triggers['l'])} against {', '.join(triggers['g'])}). Write the same trigger "
+            raise ValueError(f"SeFi Apply Stage Tokens: the CLIP-L prompt (text_l) and the bigG prompt (text_g) name "
+                             f"different identities ({', '.join(triggers['l'])} against {', '.join(triggers['g'])}). Write the same trigger "
                              "words in both, or a trigger in one of them only.")
     return planned[first_key].segments
 

@@ -187,7 +187,7 @@ def test_different_identities_in_the_two_prompts_are_refused(host, sdxl):
     model, clip, _ = sdxl
     m1, c1 = probe.apply(host, model, clip, probe.word_identity(clip, ["cat"], ["cat"], trigger="sks"))
     _, c2 = probe.apply(host, m1, c1, probe.word_identity(clip, ["dog"], ["dog"], trigger="zwx"))
-    with pytest.raises(ValueError, match="text_l.*text_g.*name different identities.*Write the same trigger words"):
+    with pytest.raises(ValueError, match="SeFi Apply Stage Tokens: .*text_l.*text_g.*name different identities.*Write the same trigger words"):
         encode_sdxl(host, c2, "a photo of sks", "zwx smiling")
 
 
