@@ -103,8 +103,8 @@ def _shared_segments(plans: dict, token_weight_pairs: dict):
     for key, plan in planned.items():
         if triggers[key] != triggers[first_key] or plan.segments != planned[first_key].segments:
             raise ValueError(f"SeFi Apply Stage Tokens: the CLIP-L prompt (text_l) and the bigG prompt (text_g) name "
-                             f"different identities ({', '.join(triggers['l'])} against {', '.join(triggers['g'])}). Write the same trigger "
-                             "words in both, or a trigger in one of them only.")
+                             f"different identities ({', '.join(triggers['l'])} against {', '.join(triggers['g'])}). "
+                             "Write the same trigger words in both, or a trigger in one of them only.")
     return planned[first_key].segments
 
 
